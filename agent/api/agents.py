@@ -1,0 +1,20 @@
+"""`GET /agents`: the cluster members in the Go agent's JSON shape."""
+
+from __future__ import annotations
+
+from aiohttp import web
+
+from agent.appkeys import STATE
+from agent.errors import Code, json_error
+
+
+async def list_agents(request: web.Request) -> web.Response:
+    state = request.app[STATE]
+    if not state.clustered:
+        # As the Go agent: there is no cluster to list on a standalone engine.
+        return json_error(503, "The agent is not part of a Swarm cluster: no agent list on a standalone engine",
+                          Code.BAD_REQUEST, details="Cluster is disabled")
+    members = state.members()
+    if not any(m.node_name == state.info.node_name for m in members):
+        members = [state.self_member, *members]
+    return web.json_response([m.to_api() for m in members])

@@ -1,0 +1,93 @@
+"""`/websocket/attach` and `/websocket/exec`: Portainer's console, a WebSocket over Docker's hijacked stream.
+
+Client messages go to Docker as they are; Docker's output goes back as text messages, decoded incrementally
+so that a UTF-8 character split across two reads is never corrupted (the Go agent drops such bytes). Resize
+goes through the normal proxy (`POST /containers/{id}/resize`, `/exec/{id}/resize`).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import codecs
+import contextlib
+import re
+
+from aiohttp import WSMsgType, web
+
+from agent.appkeys import STATE
+from agent.errors import Code, json_error, log_failure
+from proxy.forward import CHUNK, UpstreamHandshake, open_hijack
+
+_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,254}$")
+
+
+def docker_request(kind: str, ident: str) -> tuple[str, bytes]:
+    """The hijack request the Go agent sends for each console kind (PROTOCOL.md section 5)."""
+    if kind == "attach":
+        return f"/containers/{ident}/attach?stdin=1&stdout=1&stderr=1&stream=1", b""
+    return f"/exec/{ident}/start", b'{"Tty":true,"Detach":false}'
+
+
+async def _docker_to_ws(hs: UpstreamHandshake, ws: web.WebSocketResponse) -> None:
+    decoder = codecs.getincrementaldecoder("utf-8")("replace")
+    while True:
+        data = await hs.reader.read(CHUNK)
+        if not data:
+            tail = decoder.decode(b"", final=True)
+            if tail:
+                await ws.send_str(tail)
+            return
+        text = decoder.decode(data)
+        if text:
+            await ws.send_str(text)
+
+
+async def _ws_to_docker(hs: UpstreamHandshake, ws: web.WebSocketResponse) -> None:
+    async for msg in ws:
+        if msg.type is WSMsgType.TEXT:
+            hs.writer.write(msg.data.encode())
+        elif msg.type is WSMsgType.BINARY:
+            hs.writer.write(msg.data)
+        else:
+            break
+        await hs.writer.drain()
+
+
+async def handle_websocket(request: web.Request, kind: str) -> web.StreamResponse:
+    state = request.app[STATE]
+    ident = request.query.get("id", "")
+    if not _ID.match(ident):
+        return json_error(400, "Invalid query parameter: id", Code.BAD_REQUEST, path=request.path)
+    path, body = docker_request(kind, ident)
+    headers = {"Content-Type": "application/json"} if body else {}
+    try:
+        hs = await open_hijack(state.engine, "POST", path, headers, body)
+    except (OSError, asyncio.IncompleteReadError, ValueError) as exc:
+        return json_error(502, f"Unable to reach the Docker engine: {exc}", Code.PROXY_DOCKER_UNREACHABLE)
+    if not hs.upgraded:
+        hs.close()
+        message = hs.body.decode(errors="replace").strip() or f"Docker answered {hs.status}"
+        with contextlib.suppress(ValueError):
+            import json
+
+            message = json.loads(message).get("message", message)
+        return json_error(hs.status if hs.status >= 400 else 500, message, Code.WEBSOCKET_FAILED, id=ident)
+    ws = web.WebSocketResponse(max_msg_size=0, autoping=True)
+    await ws.prepare(request)
+    state.metrics.hijacked.inc()
+    down = asyncio.create_task(_docker_to_ws(hs, ws))
+    up = asyncio.create_task(_ws_to_docker(hs, ws))
+    try:
+        done, _ = await asyncio.wait({down, up}, return_when=asyncio.FIRST_COMPLETED)
+        for task in done:
+            error = task.exception()
+            if error is not None and not isinstance(error, ConnectionError):
+                log_failure(Code.WEBSOCKET_FAILED, f"console session ended with an error: {error}", id=ident)
+    finally:
+        state.metrics.hijacked.dec()
+        for task in (down, up):
+            task.cancel()
+        await asyncio.gather(down, up, return_exceptions=True)
+        hs.close()
+        await ws.close()
+    return ws

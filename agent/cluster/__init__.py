@@ -1,0 +1,1 @@
+"""Cluster membership: who the other agents are and how to reach them."""

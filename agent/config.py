@@ -1,0 +1,250 @@
+"""Configuration from the environment, with the Go agent's variable names, defaults and syntax.
+
+A bad value stops start-up with one line naming the variable (ConfigError carries that line).
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import os
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+
+_DURATION_PART = re.compile(r"(\d+(?:\.\d*)?|\.\d+)(ns|us|µs|μs|ms|s|m|h)")
+_UNIT_SECONDS = {"ns": 1e-9, "us": 1e-6, "µs": 1e-6, "μs": 1e-6, "ms": 1e-3, "s": 1.0, "m": 60.0, "h": 3600.0}
+LOG_LEVELS = ("DEBUG", "INFO", "WARN", "ERROR")
+LOG_MODES = ("PRETTY", "JSON")
+
+
+class ConfigError(ValueError):
+    """A configuration value that cannot be used; the message names the variable."""
+
+
+def parse_go_duration(text: str) -> float:
+    """Parse Go's time.ParseDuration syntax (`72h`, `1m30s`, `500ms`, `-1.5h`) into seconds."""
+    s = text.strip()
+    if not s:
+        raise ValueError("empty duration")
+    sign = 1.0
+    if s[0] in "+-":
+        sign = -1.0 if s[0] == "-" else 1.0
+        s = s[1:]
+    if s == "0":
+        return 0.0
+    pos = 0
+    total = 0.0
+    while pos < len(s):
+        match = _DURATION_PART.match(s, pos)
+        if match is None:
+            raise ValueError(f"invalid duration {text!r}")
+        total += float(match.group(1)) * _UNIT_SECONDS[match.group(2)]
+        pos = match.end()
+    if pos == 0:
+        raise ValueError(f"invalid duration {text!r}")
+    return sign * total
+
+
+def parse_go_bool(text: str) -> bool:
+    """Go's strconv.ParseBool, which kingpin uses for the agent's boolean flags."""
+    if text in ("1", "t", "T", "TRUE", "true", "True"):
+        return True
+    if text in ("0", "f", "F", "FALSE", "false", "False", ""):
+        return False
+    raise ValueError(f"invalid boolean {text!r} (use true/false or 1/0)")
+
+
+@dataclass(frozen=True)
+class DockerEndpoint:
+    """Where the local engine is, read as the Docker CLI reads DOCKER_HOST, DOCKER_TLS_VERIFY, DOCKER_CERT_PATH."""
+
+    url: str = "unix:///var/run/docker.sock"
+    tls_verify: bool = False
+    cert_path: str | None = None
+
+    @property
+    def is_unix(self) -> bool:
+        return self.url.startswith("unix://")
+
+    @property
+    def socket_path(self) -> str:
+        return self.url[len("unix://"):]
+
+    @property
+    def uses_tls(self) -> bool:
+        return not self.is_unix and (self.tls_verify or self.cert_path is not None)
+
+    @property
+    def http_base(self) -> str:
+        """Base URL for HTTP requests (unix sockets use a dummy host)."""
+        if self.is_unix:
+            return "http://docker"
+        hostport = self.url.split("://", 1)[1].rstrip("/")
+        return f"{'https' if self.uses_tls else 'http'}://{hostport}"
+
+
+@dataclass(frozen=True)
+class Config:
+    """Everything the agent reads from its environment (names and defaults of the Go agent 2.23)."""
+
+    agent_host: str = "0.0.0.0"
+    agent_port: int = 9001
+    cluster_addr: str = ""
+    cluster_probe_timeout: float = 0.5
+    cluster_probe_interval: float = 1.0
+    secret: str = ""
+    secret_timeout: float = 72 * 3600.0
+    data_path: Path = Path("/data")
+    log_level: str = "INFO"
+    log_mode: str = "PRETTY"
+    edge: bool = False
+    edge_async: bool = False
+    edge_key: str = ""
+    edge_id: str = ""
+    edge_server_host: str = "0.0.0.0"
+    edge_server_port: int = 80
+    edge_inactivity_timeout: float = 300.0
+    edge_insecure_poll: bool = False
+    edge_tunnel: bool = True
+    mtls_cert: str = ""
+    mtls_key: str = ""
+    mtls_ca: str = ""
+    mtls_cert_retry_interval: float = 0.0
+    update_id: int = 0
+    docker: DockerEndpoint = field(default_factory=DockerEndpoint)
+    # Keelson's own options (no Go equivalent); names start with KEELSON_.
+    advertise_addr: str = ""
+    fanout_timeout: float = 5.0
+    host_root: Path = Path("/host")
+    serf_binary: str = "serf"
+    serf_port: int = 7946
+
+
+def _get(env: Mapping[str, str], name: str, default: str) -> str:
+    value = env.get(name)
+    return default if value is None or value == "" else value
+
+
+def _int(env: Mapping[str, str], name: str, default: int, lo: int = 0, hi: int = 2**31) -> int:
+    raw = _get(env, name, str(default))
+    try:
+        value = int(raw)
+    except ValueError:
+        raise ConfigError(f"{name}: {raw!r} is not an integer") from None
+    if not lo <= value <= hi:
+        raise ConfigError(f"{name}: {value} is out of range {lo}..{hi}")
+    return value
+
+
+def _port(env: Mapping[str, str], name: str, default: int) -> int:
+    return _int(env, name, default, 1, 65535)
+
+
+def _duration(env: Mapping[str, str], name: str, default: str, allow_zero: bool = False) -> float:
+    raw = _get(env, name, default)
+    try:
+        value = parse_go_duration(raw)
+    except ValueError:
+        raise ConfigError(f"{name}: {raw!r} is not a duration (Go syntax, like 72h, 1m30s, 500ms)") from None
+    if value < 0 or (value == 0 and not allow_zero):
+        raise ConfigError(f"{name}: {raw!r} must be a positive duration")
+    return value
+
+
+def _bool(env: Mapping[str, str], name: str, default: bool) -> bool:
+    raw = env.get(name)
+    if raw is None or raw == "":
+        return default
+    try:
+        return parse_go_bool(raw)
+    except ValueError as exc:
+        raise ConfigError(f"{name}: {exc}") from None
+
+
+def _ip(env: Mapping[str, str], name: str, default: str) -> str:
+    raw = _get(env, name, default)
+    try:
+        return str(ipaddress.ip_address(raw))
+    except ValueError:
+        raise ConfigError(f"{name}: {raw!r} is not an IP address") from None
+
+
+def _choice(env: Mapping[str, str], name: str, default: str, choices: tuple[str, ...]) -> str:
+    raw = _get(env, name, default).upper()
+    if raw not in choices:
+        raise ConfigError(f"{name}: {raw!r} is not one of {', '.join(choices)}")
+    return raw
+
+
+def _docker(env: Mapping[str, str]) -> DockerEndpoint:
+    url = _get(env, "DOCKER_HOST", "unix:///var/run/docker.sock")
+    if url.startswith("tcp://"):
+        hostport = url[len("tcp://"):].rstrip("/")
+        if ":" not in hostport:
+            raise ConfigError(f"DOCKER_HOST: {url!r} needs a port (tcp://host:2376)")
+    elif not url.startswith("unix://") or len(url) == len("unix://"):
+        raise ConfigError(f"DOCKER_HOST: {url!r} must be unix:///path or tcp://host:port")
+    tls_verify = bool(env.get("DOCKER_TLS_VERIFY"))  # the Docker CLI: any non-empty value enables it
+    cert_path = env.get("DOCKER_CERT_PATH") or None
+    if tls_verify and cert_path is None:
+        cert_path = str(Path.home() / ".docker")
+    if cert_path is not None and url.startswith("tcp://"):
+        for name in ("ca.pem", "cert.pem", "key.pem"):
+            if tls_verify and not (Path(cert_path) / name).is_file():
+                raise ConfigError(f"DOCKER_CERT_PATH: {cert_path}/{name} is missing")
+    return DockerEndpoint(url=url, tls_verify=tls_verify, cert_path=cert_path)
+
+
+def _mtls(env: Mapping[str, str]) -> tuple[str, str, str]:
+    cert, key, ca = env.get("MTLS_SSL_CERT", ""), env.get("MTLS_SSL_KEY", ""), env.get("MTLS_SSL_CA", "")
+    if bool(cert) != bool(key):
+        raise ConfigError("MTLS_SSL_CERT: MTLS_SSL_CERT and MTLS_SSL_KEY must be set together")
+    if ca and not cert:
+        raise ConfigError("MTLS_SSL_CA: needs MTLS_SSL_CERT and MTLS_SSL_KEY as well")
+    for name, value in (("MTLS_SSL_CERT", cert), ("MTLS_SSL_KEY", key), ("MTLS_SSL_CA", ca)):
+        if value and not Path(value).is_file():
+            raise ConfigError(f"{name}: {value!r} is not a readable file")
+    return cert, key, ca
+
+
+def load_config(env: Mapping[str, str] | None = None) -> Config:
+    """Read and validate the whole configuration; raises ConfigError naming the first bad variable."""
+    env = os.environ if env is None else env
+    edge_inactivity = _duration(env, "EDGE_INACTIVITY_TIMEOUT", "5m")
+    mtls_cert, mtls_key, mtls_ca = _mtls(env)
+    advertise = env.get("KEELSON_ADVERTISE_ADDR", "")
+    if advertise:
+        advertise = _ip(env, "KEELSON_ADVERTISE_ADDR", advertise)
+    return Config(
+        agent_host=_ip(env, "AGENT_HOST", "0.0.0.0"),
+        agent_port=_port(env, "AGENT_PORT", 9001),
+        cluster_addr=env.get("AGENT_CLUSTER_ADDR", ""),
+        cluster_probe_timeout=_duration(env, "AGENT_CLUSTER_PROBE_TIMEOUT", "500ms"),
+        cluster_probe_interval=_duration(env, "AGENT_CLUSTER_PROBE_INTERVAL", "1s"),
+        secret=env.get("AGENT_SECRET", ""),
+        secret_timeout=_duration(env, "AGENT_SECRET_TIMEOUT", "72h"),
+        data_path=Path(_get(env, "DATA_PATH", "/data")),
+        log_level=_choice(env, "LOG_LEVEL", "INFO", LOG_LEVELS),
+        log_mode=_choice(env, "LOG_MODE", "PRETTY", LOG_MODES),
+        edge=_bool(env, "EDGE", False),
+        edge_async=_bool(env, "EDGE_ASYNC", False),
+        edge_key=env.get("EDGE_KEY", ""),
+        edge_id=env.get("EDGE_ID", ""),
+        edge_server_host=_ip(env, "EDGE_SERVER_HOST", "0.0.0.0"),
+        edge_server_port=_port(env, "EDGE_SERVER_PORT", 80),
+        edge_inactivity_timeout=edge_inactivity,
+        edge_insecure_poll=_bool(env, "EDGE_INSECURE_POLL", False),
+        edge_tunnel=_bool(env, "EDGE_TUNNEL", True),
+        mtls_cert=mtls_cert,
+        mtls_key=mtls_key,
+        mtls_ca=mtls_ca,
+        mtls_cert_retry_interval=_duration(env, "MTLS_CERT_RETRY_INTERVAL", "0", allow_zero=True),
+        update_id=_int(env, "UPDATE_ID", 0),
+        docker=_docker(env),
+        advertise_addr=advertise,
+        fanout_timeout=_duration(env, "KEELSON_FANOUT_TIMEOUT", "5s"),
+        host_root=Path(_get(env, "KEELSON_HOST_ROOT", "/host")),
+        serf_binary=_get(env, "KEELSON_SERF_BINARY", "serf"),
+        serf_port=_port(env, "KEELSON_SERF_PORT", 7946),
+    )

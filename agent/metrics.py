@@ -1,0 +1,53 @@
+"""Prometheus metrics: every request is measured by route kind, method and status."""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client.exposition import CONTENT_TYPE_LATEST
+
+CONTENT_TYPE = CONTENT_TYPE_LATEST
+
+_LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 120.0)
+
+
+class Metrics:
+    """One registry per agent (not the global one), so tests and simulated clusters stay independent."""
+
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry()
+        self.requests = Counter(
+            "keelson_requests", "Requests served, by route kind, method and status",
+            ["route", "method", "status"], registry=self.registry,
+        )
+        self.latency = Histogram(
+            "keelson_request_duration_seconds", "Time to the response headers (streams excluded)",
+            ["route"], buckets=_LATENCY_BUCKETS, registry=self.registry,
+        )
+        self.bytes_streamed = Counter(
+            "keelson_bytes_streamed", "Body bytes relayed, by direction",
+            ["direction"], registry=self.registry,
+        )
+        self.signature_failures = Counter(
+            "keelson_signature_failures", "Requests refused by the signature check, by reason",
+            ["reason"], registry=self.registry,
+        )
+        self.signature_verifications = Gauge(
+            "keelson_signature_verifications", "ECDSA verifications performed so far (signature cache misses)",
+            registry=self.registry,
+        )
+        self.in_flight = Gauge(
+            "keelson_requests_in_flight", "Requests being served now", registry=self.registry,
+        )
+        self.hijacked = Gauge(
+            "keelson_hijacked_streams", "Open attach/exec/websocket sessions", registry=self.registry,
+        )
+        self.fanout_node_failures = Counter(
+            "keelson_fanout_node_failures", "Nodes that failed during a fan-out, by node",
+            ["node"], registry=self.registry,
+        )
+        self.cluster_members = Gauge(
+            "keelson_cluster_members", "Alive members seen by this agent", registry=self.registry,
+        )
+
+    def render(self) -> bytes:
+        return generate_latest(self.registry)

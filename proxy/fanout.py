@@ -1,0 +1,116 @@
+"""Fan-out of the cluster listings (containers, images, volumes, networks) and the merge of the answers.
+
+Every live member is asked at once (this node in-process, the others over the pooled peer sessions), each
+with its own deadline. A node that fails or is late is left out and named in a response header (and in the
+volumes `Warnings`); only when no node answers is the request an error.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from dataclasses import dataclass, field
+from typing import Any
+
+import aiohttp
+from aiohttp import web
+
+from agent.cluster.membership import Member
+from agent.errors import Code, json_error, log_failure
+from agent.state import AgentState
+from proxy.forward import outgoing_headers
+from proxy.routing import HEADER_TARGET, strip_version
+from proxy.upstream import Upstream
+
+HEADER_FAILED_NODES = "X-Keelson-Failed-Nodes"
+
+
+@dataclass
+class NodeAnswer:
+    node: str
+    items: list[Any] = field(default_factory=list)
+    warnings: list[str] = field(default_factory=list)
+    error: str | None = None
+
+
+def parse_node_body(node: str, status: int, body: bytes, volumes: bool) -> NodeAnswer:
+    """Turn one node's answer into items (pure): an object with `message` is that node's error."""
+    try:
+        data = json.loads(body) if body else None
+    except ValueError:
+        return NodeAnswer(node, error=f"HTTP {status}: invalid JSON")
+    if isinstance(data, dict) and "message" in data and status >= 300:
+        return NodeAnswer(node, error=f"HTTP {status}: {data['message']}")
+    if status != 200:
+        return NodeAnswer(node, error=f"HTTP {status}")
+    if volumes:
+        if not isinstance(data, dict):
+            return NodeAnswer(node, error="volumes answer is not an object")
+        return NodeAnswer(node, items=list(data.get("Volumes") or []),
+                          warnings=[str(w) for w in data.get("Warnings") or []])
+    if not isinstance(data, list):
+        return NodeAnswer(node, error="answer is not a JSON array")
+    return NodeAnswer(node, items=data)
+
+
+def merge(answers: list[NodeAnswer], volumes: bool) -> tuple[Any, dict[str, str]]:
+    """Concatenate in member order, decorate each item with its node, collect failures (pure)."""
+    items: list[Any] = []
+    warnings: list[str] = []
+    failed: dict[str, str] = {}
+    for answer in answers:
+        if answer.error is not None:
+            failed[answer.node] = answer.error
+            continue
+        for item in answer.items:
+            if isinstance(item, dict):
+                item["Portainer"] = {"Agent": {"NodeName": answer.node}}
+            items.append(item)
+        warnings.extend(answer.warnings)
+    if volumes:
+        warnings.extend(f"node {node} did not answer: {reason}" for node, reason in failed.items())
+        return {"Volumes": items, "Warnings": warnings or None}, failed
+    return items, failed
+
+
+async def _ask(request: web.Request, upstream: Upstream, member: Member, body: bytes | None,
+               timeout: float, volumes: bool) -> NodeAnswer:
+    headers = outgoing_headers(request, {HEADER_TARGET: member.node_name})
+    headers["Host"] = upstream.host_header
+    headers.pop("Content-Length", None)
+    try:
+        async with asyncio.timeout(timeout):
+            async with upstream.session.request(
+                request.method, upstream.base_url + request.raw_path, headers=headers, data=body,
+                allow_redirects=False,
+            ) as resp:
+                raw = await resp.read()
+                return parse_node_body(member.node_name, resp.status, raw, volumes)
+    except TimeoutError:
+        return NodeAnswer(member.node_name, error=f"no answer within {timeout:g}s")
+    except (aiohttp.ClientError, OSError) as exc:
+        return NodeAnswer(member.node_name, error=f"unreachable: {exc.__class__.__name__}: {exc}")
+
+
+async def handle(request: web.Request, state: AgentState) -> web.StreamResponse:
+    volumes = strip_version(request.path) == "/volumes"
+    body = await request.read() if request.body_exists else None
+    me = state.self_member
+    members = [m for m in state.members() if m.node_name != me.node_name]
+    members.insert(0, me)
+    jobs = []
+    for member in members:
+        upstream: Upstream = state.engine if member.node_name == me.node_name else state.peers.upstream(
+            member.ip, member.agent_port)
+        jobs.append(_ask(request, upstream, member, body, state.config.fanout_timeout, volumes))
+    answers = await asyncio.gather(*jobs)
+    merged, failed = merge(list(answers), volumes)
+    for node, reason in failed.items():
+        state.metrics.fanout_node_failures.labels(node).inc()
+        log_failure(Code.FANOUT_NODE_FAILED, "node left out of a cluster listing", node=node, reason=reason,
+                    path=request.path)
+    headers = {HEADER_FAILED_NODES: json.dumps(failed)} if failed else {}
+    if failed and len(failed) == len(answers):
+        return json_error(502, "No node of the cluster answered: " + "; ".join(
+            f"{n}: {r}" for n, r in failed.items()), Code.FANOUT_ALL_FAILED, headers=headers)
+    return web.json_response(merged, headers=headers)

@@ -1,0 +1,293 @@
+"""Streaming forwarding of one request to an upstream (engine or peer): plain HTTP and hijacked streams.
+
+Nothing is buffered: request bodies go up as they arrive, response bodies come down as they arrive, and a
+hijacked connection (attach, exec, `docker run -i`) becomes a byte pipe in both directions that keeps
+half-closes, with back-pressure on both sides.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import Mapping
+from typing import Any
+
+import aiohttp
+from aiohttp import web
+from multidict import CIMultiDict
+
+from agent.errors import Code, json_error, log_failure
+from agent.metrics import Metrics
+from proxy.upstream import Upstream
+
+HOP_BY_HOP = frozenset(
+    h.lower()
+    for h in (
+        "Connection", "Keep-Alive", "Proxy-Authenticate", "Proxy-Authorization", "TE", "Trailer", "Trailers",
+        "Transfer-Encoding", "Upgrade", "Host", "Proxy-Connection",
+    )
+)
+CHUNK = 2**16
+HIGH_WATER = 2**18
+
+
+def outgoing_headers(request: web.Request, extra: Mapping[str, str] | None = None) -> CIMultiDict[str]:
+    """The caller's headers minus hop-by-hop ones, plus X-Forwarded-For and what the route adds."""
+    headers: CIMultiDict[str] = CIMultiDict()
+    connection_tokens = {t.strip().lower() for t in request.headers.get("Connection", "").split(",")}
+    for name, value in request.headers.items():
+        lowered = name.lower()
+        if lowered in HOP_BY_HOP or lowered in connection_tokens:
+            continue
+        headers.add(name, value)
+    peer = request.remote
+    if peer:
+        prior = request.headers.get("X-Forwarded-For")
+        headers["X-Forwarded-For"] = f"{prior}, {peer}" if prior else peer
+    for name, value in (extra or {}).items():
+        headers[name] = value
+    return headers
+
+
+def response_headers(upstream_headers: Mapping[str, str]) -> CIMultiDict[str]:
+    out: CIMultiDict[str] = CIMultiDict()
+    connection_tokens = {t.strip().lower() for t in upstream_headers.get("Connection", "").split(",")}
+    for name, value in upstream_headers.items():
+        lowered = name.lower()
+        if lowered in HOP_BY_HOP or lowered in connection_tokens or lowered == "content-length":
+            continue
+        out.add(name, value)
+    return out
+
+
+def upgrade_token(request: web.Request) -> str | None:
+    """`tcp` for Docker's hijack (attach, exec start), `websocket` for WebSockets; None for plain requests."""
+    token = request.headers.get("Upgrade", "").strip().lower()
+    if token in ("tcp", "websocket") and "upgrade" in request.headers.get("Connection", "").lower():
+        return token
+    return None
+
+
+async def forward_http(
+    request: web.Request,
+    upstream: Upstream,
+    path_qs: str,
+    metrics: Metrics,
+    extra_headers: Mapping[str, str] | None = None,
+    unreachable: Code = Code.PROXY_DOCKER_UNREACHABLE,
+) -> web.StreamResponse:
+    """Relay one request and its streamed response; the caller's path (API version included) is kept."""
+    headers = outgoing_headers(request, extra_headers)
+    headers["Host"] = upstream.host_header
+    body: Any = None
+    chunked: bool | None = None
+    if request.body_exists:
+        body = _counting(request.content, metrics, "upload")
+        chunked = None if "Content-Length" in headers else True
+    try:
+        upstream_resp = await upstream.session.request(
+            request.method, upstream.base_url + path_qs, headers=headers, data=body,
+            allow_redirects=False, compress=None, chunked=chunked,
+        )
+    except (aiohttp.ClientError, OSError) as exc:
+        return json_error(502, f"Unable to reach {upstream.name} at {upstream.base_url}: {exc}", unreachable)
+    async with upstream_resp:
+        response = web.StreamResponse(status=upstream_resp.status, reason=upstream_resp.reason,
+                                      headers=response_headers(upstream_resp.headers))
+        length = upstream_resp.headers.get("Content-Length")
+        if length is not None and length.isdigit():
+            response.content_length = int(length)
+        try:
+            await response.prepare(request)
+            if request.method != "HEAD":
+                async for chunk in upstream_resp.content.iter_any():
+                    metrics.bytes_streamed.labels("download").inc(len(chunk))
+                    await response.write(chunk)
+            await response.write_eof()
+        except (ConnectionResetError, aiohttp.ClientConnectionResetError):
+            log_failure(Code.PROXY_CLIENT_GONE, "client went away during a stream", path=request.path)
+        except (aiohttp.ClientPayloadError, aiohttp.ClientConnectionError) as exc:
+            log_failure(Code.PROXY_DOCKER_STREAM_BROKEN, f"upstream stream broke: {exc}", path=request.path)
+            with contextlib.suppress(Exception):
+                request.transport.close()  # type: ignore[union-attr]
+    return response
+
+
+async def _counting(stream: aiohttp.StreamReader, metrics: Metrics, direction: str) -> Any:
+    counter = metrics.bytes_streamed.labels(direction)
+    async for chunk in stream.iter_any():
+        counter.inc(len(chunk))
+        yield chunk
+
+
+# --- Hijacked streams --------------------------------------------------------------------------------
+
+
+class UpstreamHandshake:
+    """The upstream's answer to a hijack request: either upgraded (reader/writer live) or a plain response."""
+
+    def __init__(self, status: int, reason: str, headers: CIMultiDict[str], reader: asyncio.StreamReader,
+                 writer: asyncio.StreamWriter, body: bytes = b"") -> None:
+        self.status = status
+        self.reason = reason
+        self.headers = headers
+        self.reader = reader
+        self.writer = writer
+        self.body = body
+
+    @property
+    def upgraded(self) -> bool:
+        return self.status in (101, 200) and not self.body and (
+            self.status == 101 or "raw-stream" in self.headers.get("Content-Type", "")
+            or "multiplexed-stream" in self.headers.get("Content-Type", "")
+        )
+
+    def close(self) -> None:
+        with contextlib.suppress(Exception):
+            self.writer.close()
+
+
+async def open_hijack(
+    upstream: Upstream, method: str, path_qs: str, headers: Mapping[str, str], body: bytes,
+    upgrade: str = "tcp",
+) -> UpstreamHandshake:
+    """Send a hijack request on a fresh raw connection and read the response head."""
+    reader, writer = await upstream.open_raw()
+    lines = [f"{method} {path_qs} HTTP/1.1", f"Host: {upstream.host_header}"]
+    for name, value in headers.items():
+        if name.lower() in ("content-length", "host", "connection", "upgrade", "transfer-encoding"):
+            continue
+        lines.append(f"{name}: {value}")
+    lines += ["Connection: Upgrade", f"Upgrade: {upgrade}"]
+    if body or method not in ("GET", "HEAD"):
+        lines.append(f"Content-Length: {len(body)}")
+    writer.write(("\r\n".join(lines) + "\r\n\r\n").encode("latin-1") + body)
+    await writer.drain()
+    head = await reader.readuntil(b"\r\n\r\n")
+    status_line, *header_lines = head.decode("latin-1").split("\r\n")
+    parts = status_line.split(" ", 2)
+    status = int(parts[1])
+    reason = parts[2] if len(parts) > 2 else ""
+    resp_headers: CIMultiDict[str] = CIMultiDict()
+    for line in header_lines:
+        if ":" in line:
+            name, value = line.split(":", 1)
+            resp_headers.add(name.strip(), value.strip())
+    data = b""
+    if status not in (101,) and "Content-Length" in resp_headers:
+        data = await reader.readexactly(int(resp_headers["Content-Length"]))
+    elif status >= 300 and resp_headers.get("Transfer-Encoding", "").lower() != "chunked":
+        data = await reader.read()
+    return UpstreamHandshake(status, reason, resp_headers, reader, writer, data)
+
+
+class _ClientSide(asyncio.Protocol):
+    """Takes over the caller's transport after the 101: bytes go straight to the upstream writer."""
+
+    def __init__(self, transport: asyncio.Transport, upstream: asyncio.StreamWriter, original: Any,
+                 metrics: Metrics) -> None:
+        self.transport = transport
+        self.upstream = upstream
+        self.original = original
+        self.counter = metrics.bytes_streamed.labels("upload")
+        self.can_write = asyncio.Event()
+        self.can_write.set()
+        self.lost = asyncio.Event()
+        self.eof = asyncio.Event()
+        self._draining = False
+
+    def data_received(self, data: bytes) -> None:
+        self.counter.inc(len(data))
+        self.upstream.write(data)
+        if self.upstream.transport.get_write_buffer_size() > HIGH_WATER and not self._draining:
+            self._draining = True
+            self.transport.pause_reading()
+            asyncio.get_running_loop().create_task(self._drain())
+
+    async def _drain(self) -> None:
+        try:
+            await self.upstream.drain()
+        except (ConnectionError, OSError):
+            pass
+        finally:
+            self._draining = False
+            if not self.lost.is_set():
+                self.transport.resume_reading()
+
+    def eof_received(self) -> bool:
+        self.eof.set()
+        if self.upstream.can_write_eof():
+            with contextlib.suppress(OSError, RuntimeError):
+                self.upstream.write_eof()
+        return True  # keep our side open: the upstream may still have output for the caller
+
+    def pause_writing(self) -> None:
+        self.can_write.clear()
+
+    def resume_writing(self) -> None:
+        self.can_write.set()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.lost.set()
+        self.can_write.set()
+        with contextlib.suppress(Exception):
+            self.original.connection_lost(exc)
+
+
+async def relay_hijack(
+    request: web.Request,
+    upstream: Upstream,
+    path_qs: str,
+    metrics: Metrics,
+    extra_headers: Mapping[str, str] | None = None,
+    unreachable: Code = Code.PROXY_DOCKER_UNREACHABLE,
+) -> web.StreamResponse:
+    """A hijack or WebSocket upgrade through the agent: upstream 101, our 101, then raw bytes both ways."""
+    body = await request.read() if request.body_exists else b""
+    headers = outgoing_headers(request, extra_headers)
+    upgrade = upgrade_token(request) or "tcp"
+    try:
+        hs = await open_hijack(upstream, request.method, path_qs, headers, body, upgrade)
+    except (OSError, asyncio.IncompleteReadError, ValueError) as exc:
+        return json_error(502, f"Unable to reach {upstream.name} at {upstream.base_url}: {exc}", unreachable)
+    if not hs.upgraded:
+        hs.close()
+        resp = web.Response(status=hs.status, reason=hs.reason, body=hs.body,
+                            headers=response_headers(hs.headers))
+        return resp
+    response = web.StreamResponse(status=hs.status, reason=hs.reason, headers=response_headers(hs.headers))
+    if hs.status == 101:
+        response.headers["Connection"] = "Upgrade"
+        response.headers["Upgrade"] = hs.headers.get("Upgrade", upgrade)
+    await response.prepare(request)
+    transport = request.transport
+    assert transport is not None
+    original = transport.get_protocol()
+    client = _ClientSide(transport, hs.writer, original, metrics)
+    tail: bytes = getattr(original, "_message_tail", b"")
+    transport.set_protocol(client)
+    if tail:
+        original._message_tail = b""  # type: ignore[attr-defined]
+        client.data_received(tail)
+    transport.resume_reading()
+    metrics.hijacked.inc()
+    counter = metrics.bytes_streamed.labels("download")
+    try:
+        while not client.lost.is_set():
+            data = await hs.reader.read(CHUNK)
+            if not data:
+                break
+            counter.inc(len(data))
+            if client.lost.is_set():
+                break
+            transport.write(data)
+            if not client.can_write.is_set():
+                await client.can_write.wait()
+    except (ConnectionError, OSError) as exc:
+        log_failure(Code.PROXY_DOCKER_STREAM_BROKEN, f"hijacked stream broke: {exc}", path=request.path)
+    finally:
+        metrics.hijacked.dec()
+        hs.close()
+        if not transport.is_closing():
+            transport.close()
+    return response

@@ -1,0 +1,104 @@
+"""Where a forwarded request goes: the local engine or another agent, each with a pooled HTTP session.
+
+Both kinds look the same to forward.py: a base URL, an aiohttp session with keep-alive connections (for plain
+requests) and a way to open a raw connection (for hijacked attach/exec streams).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import ssl
+
+import aiohttp
+
+from agent.config import DockerEndpoint
+from agent.tls import docker_client_context, peer_client_context
+from agent.tlsproto import open_tls_connection
+
+_TIMEOUT = aiohttp.ClientTimeout(total=None, connect=None, sock_connect=10, sock_read=None)
+
+
+class Upstream:
+    """One HTTP destination (engine or peer agent) reached over a pooled session."""
+
+    name = "upstream"
+
+    def __init__(self, base_url: str, session: aiohttp.ClientSession, host_header: str) -> None:
+        self.base_url = base_url
+        self.session = session
+        self.host_header = host_header
+
+    async def open_raw(self) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+        raise NotImplementedError
+
+
+class EngineUpstream(Upstream):
+    """The local Docker engine, on its unix socket or on tcp:// (with the CLI's TLS files)."""
+
+    name = "docker"
+
+    def __init__(self, endpoint: DockerEndpoint) -> None:
+        self.endpoint = endpoint
+        self.ssl_context: ssl.SSLContext | None = None
+        connector: aiohttp.BaseConnector
+        if endpoint.is_unix:
+            connector = aiohttp.UnixConnector(path=endpoint.socket_path, limit=0, keepalive_timeout=30)
+            host = "docker"
+        else:
+            if endpoint.uses_tls:
+                assert endpoint.cert_path is not None
+                self.ssl_context = docker_client_context(endpoint.cert_path, endpoint.tls_verify)
+            connector = aiohttp.TCPConnector(limit=0, ssl=self.ssl_context or False, keepalive_timeout=30)
+            host = endpoint.http_base.split("://", 1)[1]
+        session = aiohttp.ClientSession(
+            connector=connector, timeout=_TIMEOUT, auto_decompress=False, skip_auto_headers=("User-Agent",)
+        )
+        super().__init__(endpoint.http_base, session, host)
+
+    async def open_raw(self) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+        if self.endpoint.is_unix:
+            return await asyncio.open_unix_connection(self.endpoint.socket_path, limit=2**16)
+        host, _, port = self.host_header.rpartition(":")
+        if self.ssl_context is not None:
+            return await open_tls_connection(host, int(port), self.ssl_context)
+        return await asyncio.open_connection(host, int(port), limit=2**16)
+
+    async def close(self) -> None:
+        await self.session.close()
+
+
+class PeerPool:
+    """Keep-alive HTTPS (or HTTP in Edge mode) sessions to the other agents, one pool for all peers."""
+
+    def __init__(self, tls: bool = True, client_context: ssl.SSLContext | None = None) -> None:
+        self.tls = tls
+        self.ssl_context = (client_context or peer_client_context()) if tls else None
+        connector = aiohttp.TCPConnector(
+            limit=0, limit_per_host=64, ssl=self.ssl_context or False, keepalive_timeout=60,
+            enable_cleanup_closed=True,
+        )
+        self.session = aiohttp.ClientSession(
+            connector=connector, timeout=_TIMEOUT, auto_decompress=False, skip_auto_headers=("User-Agent",)
+        )
+
+    def upstream(self, ip: str, port: int) -> PeerUpstream:
+        return PeerUpstream(self, ip, port)
+
+    async def close(self) -> None:
+        await self.session.close()
+
+
+class PeerUpstream(Upstream):
+    name = "peer"
+
+    def __init__(self, pool: PeerPool, ip: str, port: int) -> None:
+        self.pool = pool
+        self.ip = ip
+        self.port = port
+        host = f"[{ip}]:{port}" if ":" in ip else f"{ip}:{port}"
+        super().__init__(f"{'https' if pool.tls else 'http'}://{host}", pool.session, host)
+
+    async def open_raw(self) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+        if self.pool.ssl_context is not None:
+            return await open_tls_connection(self.ip, self.port, self.pool.ssl_context)
+        return await asyncio.open_connection(self.ip, self.port, limit=2**16)
