@@ -88,11 +88,20 @@ def pick_container_address(container: dict[str, Any], scopes: dict[str, str], sw
     return ""
 
 
-async def find_advertise_addr(docker: aiodocker.Docker, info: Mapping[str, Any], agent_host: str) -> str:
-    """Container network (as the Go agent), else the Swarm node address, else AGENT_HOST, else loopback."""
-    swarm = bool((info.get("Swarm") or {}).get("NodeID"))
+async def own_container(docker: aiodocker.Docker) -> dict[str, Any] | None:
+    """The agent's own container on this engine (found by hostname), or None when it is not one."""
     try:
         container = await docker._query_json(f"containers/{socket.gethostname()}/json")
+    except aiodocker.DockerError:
+        return None
+    return container if isinstance(container, dict) else None
+
+
+async def find_advertise_addr(docker: aiodocker.Docker, info: Mapping[str, Any], agent_host: str,
+                              container: dict[str, Any] | None) -> str:
+    """Container network (as the Go agent), else the Swarm node address, else AGENT_HOST, else loopback."""
+    swarm = bool((info.get("Swarm") or {}).get("NodeID"))
+    if container is not None:
         scopes: dict[str, str] = {}
         for name in ((container.get("NetworkSettings") or {}).get("Networks") or {}):
             try:
@@ -103,8 +112,6 @@ async def find_advertise_addr(docker: aiodocker.Docker, info: Mapping[str, Any],
         addr = pick_container_address(container, scopes, swarm)
         if addr:
             return addr
-    except aiodocker.DockerError:
-        pass  # not running in a container of this engine
     node_addr = (info.get("Swarm") or {}).get("NodeAddr") or ""
     if node_addr:
         return str(node_addr)

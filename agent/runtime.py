@@ -5,14 +5,18 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+from typing import Any
 
 import aiodocker
 from aiohttp import web
 
+from agent.api.key import EDGE_KEY_HANDLER
 from agent.auth import SignatureVerifier
+from agent.cluster.bootstrap import start_membership
 from agent.cluster.membership import StaticMembership
+from agent.cluster.serf import SerfError
 from agent.config import Config
-from agent.engine import docker_client, find_advertise_addr, parse_info, read_engine_info
+from agent.engine import docker_client, find_advertise_addr, own_container, parse_info, read_engine_info
 from agent.errors import Code, log_failure
 from agent.metrics import Metrics
 from agent.server import build_app
@@ -35,7 +39,8 @@ async def build_state(config: Config) -> AgentState:
                            f"{config.docker.url}: {exc}") from exc
     if not info.node_name:
         info = parse_info(raw_info)
-    advertise = config.advertise_addr or await find_advertise_addr(docker, raw_info, config.agent_host)
+    container = await own_container(docker)
+    advertise = config.advertise_addr or await find_advertise_addr(docker, raw_info, config.agent_host, container)
     state = AgentState(
         config=config,
         verifier=SignatureVerifier(config.secret),
@@ -46,7 +51,17 @@ async def build_state(config: Config) -> AgentState:
         advertise_addr=advertise,
         peers=PeerPool(tls=not config.edge, client_context=peer_client_context(config)),
     )
-    state.membership = StaticMembership([state.self_member])
+    if info.swarm:
+        try:
+            state.membership = await start_membership(config, info, advertise, container)
+        except (RuntimeError, SerfError) as exc:
+            await state.close()
+            raise RuntimeError(str(exc)) from exc
+    else:
+        state.membership = StaticMembership([state.self_member])
+    metrics = state.metrics
+    membership = state.membership
+    metrics.cluster_members.set_function(lambda: len(membership.members()))
     verifier = state.verifier
     state.metrics.signature_verifications.set_function(lambda: verifier.verifications)
     return state
@@ -70,19 +85,37 @@ async def run(config: Config, stop: asyncio.Event) -> int:
     except RuntimeError as exc:
         log.error("%s", exc)
         return 1
-    app = build_app(state)
+    edge: Any = None
+    if config.edge:
+        from edge.runtime import EdgeRuntime  # Edge mode only: keeps the standard agent's imports small
+
+        try:
+            edge = await EdgeRuntime.create(state)
+        except ValueError as exc:  # a malformed EDGE_KEY stops the agent, as in Go (or a bad KEELSON_EDGE_*)
+            log.error("%s %s", getattr(exc, "code", Code.EDGE_KEY_INVALID), exc)
+            await state.close()
+            return 1
+    app = build_app(state, [edge.middleware()] if edge is not None else None)
+    if edge is not None:
+        app[EDGE_KEY_HANDLER] = edge.key_handler
     runner = web.AppRunner(app, access_log=None, handle_signals=False, shutdown_timeout=5)
     await runner.setup()
     loop = asyncio.get_running_loop()
-    ctx = server_context(config, [state.advertise_addr, "127.0.0.1"])
     assert runner.server is not None
-    server = await loop.create_server(
-        server_protocol_factory(loop, runner.server, ctx), config.agent_host, config.agent_port,
-        reuse_address=True, backlog=1024,
-    )
-    log.info("agent listening on https://%s:%d (node %s, %s, advertise %s, engine %s)", config.agent_host,
-             config.agent_port, state.info.node_name, state.info.engine_status, state.advertise_addr,
-             config.docker.url)
+    if edge is None:
+        ctx = server_context(config, [state.advertise_addr, "127.0.0.1"])
+        host = config.agent_host
+        factory: Any = server_protocol_factory(loop, runner.server, ctx)
+    else:
+        # Edge: plain HTTP on the advertise address; only the tunnel (or the local node) reaches it.
+        host = state.advertise_addr if config.agent_host == "0.0.0.0" else config.agent_host
+        factory = runner.server
+    server = await loop.create_server(factory, host, config.agent_port, reuse_address=True, backlog=1024)
+    log.info("agent listening on %s://%s:%d (node %s, %s, advertise %s, engine %s)",
+             "http" if edge is not None else "https", host, config.agent_port, state.info.node_name,
+             state.info.engine_status, state.advertise_addr, config.docker.url)
+    if edge is not None:
+        await edge.start()
     guard = None
     if not config.secret and not config.edge:
         guard = asyncio.create_task(_security_shutdown(state, server, runner))
@@ -94,6 +127,8 @@ async def run(config: Config, stop: asyncio.Event) -> int:
             guard.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await guard
+        if edge is not None:
+            await edge.close()
         server.close()
         await runner.cleanup()
         await state.close()

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Awaitable, Callable
+from typing import Any
 
 from aiohttp import web
 
@@ -175,9 +176,10 @@ async def dispatch(request: web.Request) -> web.StreamResponse:
     return json_error(404, "Not found", Code.BAD_REQUEST)
 
 
-def build_app(state: AgentState) -> web.Application:
+def build_app(state: AgentState, extra_middlewares: list[Any] | None = None) -> web.Application:
+    """The application; Edge mode adds its own middleware (key gate, activity tracking) after metrics."""
     app = web.Application(
-        middlewares=[metrics_middleware, signature_middleware],
+        middlewares=[metrics_middleware, *(extra_middlewares or []), signature_middleware],
         client_max_size=0,  # bodies are streamed, never read whole by aiohttp
         handler_args={"max_field_size": 65536, "max_line_size": 65536},
     )

@@ -47,6 +47,23 @@ class HalfCloseSSLTransport(_TransportBase):
 
 
 
+class _PeerCloseAsEOF:
+    """After our close_notify, OpenSSL reports the peer's close_notify as SSLZeroReturnError instead of an
+    empty read; SSLProtocol would take that for a fatal error. Make it the end of the stream it is."""
+
+    def __init__(self, obj: Any) -> None:
+        self._obj = obj
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._obj, name)
+
+    def read(self, *args: Any) -> Any:
+        try:
+            return self._obj.read(*args)
+        except ssl.SSLZeroReturnError:
+            return 0 if len(args) > 1 else b""
+
+
 class HalfCloseSSLProtocol(_ProtocolBase):
     """SSLProtocol honouring eof_received() -> True and offering write_eof() (see module doc)."""
 
@@ -56,6 +73,7 @@ class HalfCloseSSLProtocol(_ProtocolBase):
     _app_transport_created: bool
     _app_state: Any
     _state: Any
+    _sslobj: Any
 
     def _get_app_transport(self) -> HalfCloseSSLTransport:
         if self._app_transport is None:
@@ -99,6 +117,7 @@ class HalfCloseSSLProtocol(_ProtocolBase):
         if self._wrote_eof or self._state != _WRAPPED:
             return
         self._wrote_eof = True
+        self._sslobj = _PeerCloseAsEOF(self._sslobj)
         self._do_write()
         try:
             self._sslobj.unwrap()

@@ -17,7 +17,7 @@ import os
 import shutil
 import socket
 import tempfile
-from collections.abc import Coroutine, Iterable
+from collections.abc import Awaitable, Callable, Coroutine, Iterable
 from typing import Any
 
 from agent.cluster.membership import ROLE_WORKER, Member, MembersListener
@@ -194,6 +194,7 @@ class SerfMembership:
         self._closing = False
         self._tasks: set[asyncio.Task[None]] = set()  # per-child: log pump, event consumer
         self._supervisor: asyncio.Task[None] | None = None
+        self._joiner: asyncio.Task[None] | None = None
         self.restarts = 0
 
     # --- Membership protocol -------------------------------------------------------------------------
@@ -223,9 +224,41 @@ class SerfMembership:
             return
         await self._refresh(rpc)
 
+    def keep_joining(self, resolve: Callable[[], Awaitable[list[str]]], interval: float = 2.0,
+                     max_interval: float = 15.0) -> None:
+        """While this node sees no other member, resolve and join again (backing off).
+
+        Agents of a global service start together: the first joins may find nobody listening yet, and the Go
+        agent then stays a cluster of one. Retrying while alone (re-resolving, so new tasks are found) heals it.
+        """
+
+        async def loop() -> None:
+            delay = interval
+            while not self._closing:
+                await asyncio.sleep(delay)
+                if any(m.node_name != self.node_name for m in self._members):
+                    delay = max_interval
+                    continue
+                try:
+                    targets = await resolve()
+                except OSError as exc:
+                    log_failure(Code.CLUSTER_JOIN_FAILED, "cluster address lookup failed", error=exc)
+                    targets = []
+                if targets and await self.join(targets) > 0:
+                    log.info("joined the cluster on retry: node=%s", self.node_name)
+                delay = min(delay * 2, max_interval)
+
+        if self._joiner is None:
+            self._joiner = asyncio.create_task(loop(), name=f"serf-joiner-{self.node_name}")
+
     async def close(self) -> None:
         """Stop supervising and stop the child by PID. No `leave`: the others notice it failed."""
         self._closing = True
+        if self._joiner is not None:
+            self._joiner.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._joiner
+            self._joiner = None
         if self._supervisor is not None:
             self._supervisor.cancel()
             with contextlib.suppress(asyncio.CancelledError):

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.agentproc import AgentProcess
+from tools.agentproc import AgentProcess
 from tools.dockerd import PrivateDockerd
 
 

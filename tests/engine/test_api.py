@@ -6,7 +6,7 @@ import json
 
 import aiohttp
 
-from tests.agentproc import AgentProcess, insecure_context
+from tools.agentproc import AgentProcess, insecure_context
 
 
 async def _request(agent: AgentProcess, method: str, path: str, **kw: object) -> tuple[int, bytes]:

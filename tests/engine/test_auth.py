@@ -12,7 +12,7 @@ import aiohttp
 import pytest
 
 from agent.auth import HEADER_PUBLIC_KEY, HEADER_SIGNATURE
-from tests.agentproc import REPO, AgentProcess, insecure_context
+from tools.agentproc import REPO, AgentProcess, insecure_context
 from tools.dockerd import PrivateDockerd
 from tools.signer import Signer
 

@@ -10,7 +10,7 @@ import time
 import uuid
 from pathlib import Path
 
-from tests.agentproc import AgentProcess
+from tools.agentproc import AgentProcess
 from tools.dockerd import DOCKER_CLI, PrivateDockerd
 
 
