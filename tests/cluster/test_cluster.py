@@ -251,3 +251,29 @@ def test_killed_serf_child_is_recovered(cluster: SwarmCluster) -> None:
     everyone = {n.name for n in cluster}
     wait_until(lambda: _members(cluster, 2) == everyone and _members(cluster, 1) == everyone,
                what="membership complete after the serf restart")
+
+
+async def test_console_websocket_to_a_container_on_another_node(cluster: SwarmCluster,
+                                                              containers: dict[str, str]) -> None:
+    """Portainer's console reaches a container on node 3 through node 1's agent (WebSocket forwarded)."""
+    import aiohttp
+
+    from tools.agentproc import insecure_context
+
+    on_node3 = next(name for name, node in containers.items() if node == cluster.node(3).name)
+    headers = {**cluster.headers(), "X-PortainerAgent-Target": cluster.node(3).name}
+    base = f"https://{cluster.node(1).ip}:9001"
+    async with aiohttp.ClientSession() as s:
+        async with s.post(f"{base}/containers/{on_node3}/exec", headers=headers, ssl=insecure_context(),
+                          json={"AttachStdin": True, "AttachStdout": True, "Tty": True, "Cmd": ["sh"]}) as r:
+            assert r.status == 201
+            exec_id = (await r.json())["Id"]
+        async with s.ws_connect(f"{base}/websocket/exec?id={exec_id}&nodeName={cluster.node(3).name}",
+                                headers=headers, ssl=insecure_context()) as ws:
+            await ws.send_str("echo remote-$((40+2)); exit\n")
+            text = ""
+            async for msg in ws:
+                if msg.type is not aiohttp.WSMsgType.TEXT:
+                    break
+                text += msg.data
+    assert "remote-42" in text

@@ -98,3 +98,37 @@ async def test_websocket_attach(agent: AgentProcess) -> None:
 async def test_websocket_for_a_missing_container_is_a_docker_error(agent: AgentProcess) -> None:
     status, body = await _request(agent, "GET", "/websocket/attach?id=nosuchcontainer")
     assert status == 404 and "No such container" in json.loads(body)["message"]
+
+
+async def test_browse_through_the_agent_v1_and_v2(agent: AgentProcess) -> None:
+    vol = "browse-through-agent"
+    agent.cli("volume", "create", vol)
+    try:
+        form = aiohttp.FormData()
+        form.add_field("Path", "/")
+        form.add_field("file", b"hello volume", filename="hello.txt")
+        status, _ = await _request(agent, "POST", f"/v2/browse/put?volumeID={vol}", data=form)
+        assert status == 204
+        status, body = await _request(agent, "GET", f"/browse/ls?volumeID={vol}&path=/")
+        assert status == 200 and [e["Name"] for e in json.loads(body)] == ["hello.txt"]
+        status, body = await _request(agent, "GET", f"/v1/browse/{vol}/get?path=/hello.txt")
+        assert (status, body) == (200, b"hello volume")
+        status, body = await _request(agent, "GET", f"/browse/get?volumeID={vol}&path=../../../etc/passwd")
+        assert status in (400, 403) and "message" in json.loads(body)
+    finally:
+        agent.cli("volume", "rm", "-f", vol)
+
+
+def test_docker_py_with_the_signature_headers(agent: AgentProcess) -> None:
+    import docker
+
+    client = docker.DockerClient(base_url=f"https://127.0.0.1:{agent.port}",
+                                 tls=docker.tls.TLSConfig(verify=False), version="1.41")
+    client.api.headers.update(agent.signer.headers())
+    client.api.trust_env = False  # a REQUESTS_CA_BUNDLE in the environment would override verify=False
+    try:
+        out = client.containers.run("busybox:local", ["echo", "via docker-py"], remove=True)
+        assert out == b"via docker-py\n"
+        assert any("busybox:local" in (i.tags or []) for i in client.images.list())
+    finally:
+        client.close()
