@@ -750,8 +750,12 @@ def _link_exists(name: str) -> bool:
 
 
 def _del_link(name: str) -> None:
-    if _link_exists(name):
-        sh(["ip", "link", "del", name])
+    """Delete a link; one that vanished meanwhile is fine (a veth goes with its peer's namespace, asynchronously)."""
+    if not _link_exists(name):
+        return
+    res = run(["ip", "link", "del", name], check=False)
+    if res.returncode != 0 and _link_exists(name):
+        raise SwarmError(f"ip link del {name} failed ({res.returncode}): {res.stderr.strip()}")
 
 
 def _del_netns(name: str) -> None:
