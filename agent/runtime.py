@@ -98,7 +98,10 @@ async def run(config: Config, stop: asyncio.Event) -> int:
     app = build_app(state, [edge.middleware()] if edge is not None else None)
     if edge is not None:
         app[EDGE_KEY_HANDLER] = edge.key_handler
-    runner = web.AppRunner(app, access_log=None, handle_signals=False, shutdown_timeout=5)
+    # handler_cancellation: a caller that goes away cancels its handler, which closes the upstream stream
+    # (a `logs -f` of a quiet container would otherwise hold its engine connection until the next line).
+    runner = web.AppRunner(app, access_log=None, handle_signals=False, shutdown_timeout=5,
+                           handler_cancellation=True)
     await runner.setup()
     loop = asyncio.get_running_loop()
     assert runner.server is not None

@@ -19,7 +19,7 @@ from agent.errors import Code, json_error
 from agent.metrics import CONTENT_TYPE
 from agent.state import AgentState
 from proxy import fanout
-from proxy.forward import forward_http, relay_hijack, upgrade_token
+from proxy.forward import relay
 from proxy.routing import HEADER_TARGET, Api, ApiRoute, Kind, classify, decide, strip_version
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
@@ -100,18 +100,12 @@ async def _to_peer(request: web.Request, state: AgentState, target: str) -> web.
         return json_error(500, "The agent was unable to contact any other agent", Code.PROXY_TARGET_UNKNOWN,
                           details="Unable to find the targeted agent", target=target)
     upstream = state.peers.upstream(member.ip, member.agent_port)
-    extra = {HEADER_TARGET: member.node_name}
-    if upgrade_token(request):
-        return await relay_hijack(request, upstream, request.raw_path, state.metrics, extra,
-                                  Code.PROXY_PEER_UNREACHABLE)
-    return await forward_http(request, upstream, request.raw_path, state.metrics, extra,
-                              Code.PROXY_PEER_UNREACHABLE)
+    return await relay(request, upstream, state.metrics, {HEADER_TARGET: member.node_name},
+                       Code.PROXY_PEER_UNREACHABLE)
 
 
 async def _local_docker(request: web.Request, state: AgentState) -> web.StreamResponse:
-    if upgrade_token(request) == "tcp":
-        return await relay_hijack(request, state.engine, request.raw_path, state.metrics)
-    return await forward_http(request, state.engine, request.raw_path, state.metrics)
+    return await relay(request, state.engine, state.metrics, upgrades=("tcp",))
 
 
 async def docker_proxy(request: web.Request) -> web.StreamResponse:

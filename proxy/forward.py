@@ -291,3 +291,17 @@ async def relay_hijack(
         if not transport.is_closing():
             transport.close()
     return response
+
+
+async def relay(
+    request: web.Request,
+    upstream: Upstream,
+    metrics: Metrics,
+    extra_headers: Mapping[str, str] | None = None,
+    unreachable: Code = Code.PROXY_DOCKER_UNREACHABLE,
+    upgrades: tuple[str, ...] = ("tcp", "websocket"),
+) -> web.StreamResponse:
+    """Forward the caller's request as it is (path and query untouched): hijacked when it asks to upgrade."""
+    if upgrade_token(request) in upgrades:
+        return await relay_hijack(request, upstream, request.raw_path, metrics, extra_headers, unreachable)
+    return await forward_http(request, upstream, request.raw_path, metrics, extra_headers, unreachable)

@@ -14,6 +14,17 @@ from tools.agentproc import AgentProcess
 from tools.dockerd import DOCKER_CLI, PrivateDockerd
 
 
+def _in_flight(agent: AgentProcess) -> float:
+    import urllib.request
+
+    from tools.agentproc import insecure_context
+
+    req = urllib.request.Request(agent.url + "/metrics", headers=agent.signer.headers())
+    with urllib.request.urlopen(req, context=insecure_context(), timeout=10) as resp:
+        text = resp.read().decode()
+    return float(next(ln.split()[1] for ln in text.splitlines() if ln.startswith("keelson_requests_in_flight ")))
+
+
 def _name(prefix: str) -> str:
     return f"{prefix}-{uuid.uuid4().hex[:8]}"
 
@@ -138,6 +149,12 @@ def test_volumes_and_events(agent: AgentProcess) -> None:
     finally:
         events.terminate()
         events.wait(timeout=10)
+    # the caller went away: the agent must drop its end of the engine stream too (no leaked stream)
+    for _ in range(100):
+        if _in_flight(agent) == 1:  # only the metrics request itself
+            break
+        time.sleep(0.1)
+    assert _in_flight(agent) == 1
     listed = agent.cli("volume", "ls", "--format", "{{.Name}}").stdout.decode().split()
     assert vol in listed
     res = agent.cli("run", "--rm", "-v", f"{vol}:/data", "busybox:local", "sh", "-c",
