@@ -1,0 +1,401 @@
+"""Edge mode wiring: find the key, gate the API, and run poller, tunnel manager and scheduler once a key is set.
+
+Key lookup order (Go: edge/key.go RetrieveEdgeKey, cmd/agent/main.go): EDGE_KEY; DATA_PATH/agent_edge_key;
+a cluster member tagged EdgeKeySet (``GET http://<member>:<port>/key``, unsigned, 3 s, as Go's
+client.APIClient); else the association page. A key set any way is written to the key file (atomically,
+0600) and tags this node ``EdgeKeySet=set``; one set through the page or ``POST /key`` is also offered to
+the members without one (``POST /key``, as Go's PropagateKeyInCluster).
+
+Go answers 403 to every request, ``/key`` included, while no key is set, which makes its ``POST /key`` and
+key propagation unreachable. Here ``GET /key`` always answers (404 without a key) and ``POST /key`` is
+accepted while the agent waits for a key, i.e. in the same window as the association page
+(KEELSON_EDGE_UI_TIMEOUT, Go's 15 minutes from start); afterwards it gets Go's 403, so the key can not be
+given by anyone on the network forever. A malformed key is a 400 (Go: 500). Every other request before a key
+gets Go's 403, and every request afterwards counts as tunnel activity.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import dataclasses
+import json
+import logging
+import os
+import ssl
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+from aiohttp import web
+
+from agent.cluster.membership import Member
+from agent.engine import read_engine_info
+from agent.errors import Code, log_failure
+from agent.state import AgentState
+from edge.client import PollResponse, PortainerClient, TlsFiles
+from edge.key import EdgeKey, EdgeKeyError, parse_edge_key, read_key_file, write_key_file
+from edge.options import EdgeOptions
+from edge.poller import Poller
+from edge.schedules import ContainerJobRunner, Scheduler
+from edge.tunnel.base import ReverseTunnel, TunnelConfig
+from edge.tunnels import TunnelManager
+from edge.ui import AssociationUI, KeyAlreadySetError
+
+log = logging.getLogger("keelson.edge")
+
+KEY_FILE = "agent_edge_key"
+TAG_EDGE_KEY_SET = "EdgeKeySet"
+MSG_NO_KEY = "Unable to use the unsecured agent API without Edge key"
+PEER_KEY_TIMEOUT = 3.0
+LEADER_CHECK_INTERVAL = 5.0
+
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+
+
+def _error(status: int, message: str, details: str) -> web.Response:
+    """Portainer's libhttp error body: ``{"message","details"}``."""
+    return web.json_response({"message": message, "details": details}, status=status)
+
+
+def _host_port(host: str, port: int) -> str:
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
+def _is_key_path(path: str) -> bool:
+    return path.lstrip("/").split("/", 1)[0] == "key"
+
+
+class EdgeRuntime:
+    """The Edge side of one agent; agent.runtime calls create(), middleware(), key_handler, start(), close()."""
+
+    def __init__(self, state: AgentState, options: EdgeOptions) -> None:
+        self.state = state
+        self.config = state.config
+        self.options = options
+        self.key: EdgeKey | None = None
+        self.key_text = ""
+        self.key_source = ""
+        self.ui: AssociationUI | None = None
+        self.client: PortainerClient | None = None
+        self.poller: Poller | None = None
+        self.tunnels: TunnelManager | None = None
+        self.scheduler: Scheduler | None = None
+        self._lock = asyncio.Lock()
+        self._started = False
+        self._services = False
+        self._tasks: set[asyncio.Task[Any]] = set()
+        self._fetching = False
+        self._leader = (0.0, True)
+        self._accept_until = 0.0
+        """Loop time until which a key may still arrive by POST /key or from the cluster (the page's window)."""
+
+    # --- construction and key lookup ---------------------------------------------------------------------
+
+    @property
+    def key_path(self) -> Path:
+        return self.config.data_path / KEY_FILE
+
+    @property
+    def listen_host(self) -> str:
+        """Where the Edge API listens (agent.runtime): the advertise address unless AGENT_HOST names one."""
+        return self.state.advertise_addr if self.config.agent_host == "0.0.0.0" else self.config.agent_host
+
+    @classmethod
+    async def create(cls, state: AgentState) -> EdgeRuntime:
+        """Look the key up; raises ValueError for a malformed EDGE_KEY or key file (the agent exits 1)."""
+        runtime = cls(state, EdgeOptions.from_env(os.environ))
+        config = state.config
+        if not config.edge_id:
+            log.warning("EDGE_ID is empty: Portainer refuses polls without an Edge identifier")
+        if config.edge_async:
+            log.warning("EDGE_ASYNC is not supported by Keelson: using the standard (polling) Edge mode")
+        text, source = config.edge_key.strip(), "EDGE_KEY"
+        if text:
+            key = parse_edge_key(text)
+        else:
+            try:
+                text = read_key_file(runtime.key_path) or ""
+            except OSError as exc:
+                log_failure(Code.EDGE_KEY_INVALID, f"cannot read {runtime.key_path}: {exc}")
+                text = ""
+            source = str(runtime.key_path)
+            if text:
+                try:
+                    key = parse_edge_key(text)
+                except EdgeKeyError as exc:
+                    raise EdgeKeyError(f"{exc} (in {runtime.key_path}: fix or remove the file)") from None
+            else:
+                text, source = await runtime._key_from_cluster()
+                if not text:
+                    return runtime
+                try:
+                    key = parse_edge_key(text)
+                except EdgeKeyError as exc:
+                    log_failure(Code.EDGE_KEY_INVALID, f"the key handed over by {source} is unusable: {exc}")
+                    return runtime
+        await runtime._adopt(key, text, source, persist=source != str(runtime.key_path))
+        return runtime
+
+    async def _adopt(self, key: EdgeKey, text: str, source: str, persist: bool) -> None:
+        self.key, self.key_text, self.key_source = key, text.strip(), source
+        log.info("Edge key loaded from %s (Portainer %s, tunnel %s, endpoint %s)", source, key.portainer_url,
+                 key.tunnel_addr, key.endpoint_id or "global")
+        if not key.portainer_url.startswith("https://"):
+            log.warning("the Edge key's Portainer URL is not https: polls and job logs travel unencrypted")
+        if persist:
+            try:
+                await asyncio.to_thread(write_key_file, self.key_path, self.key_text)
+            except OSError as exc:
+                log_failure(Code.EDGE_KEY_INVALID, f"the Edge key is used but cannot be stored in "
+                            f"{self.key_path}: {exc}")
+        await self.state.membership.set_tags({TAG_EDGE_KEY_SET: "set"})
+
+    def _peers(self) -> list[Member]:
+        me = self.state.info.node_name
+        return [m for m in self.state.members() if m.node_name != me]
+
+    async def _key_from_cluster(self) -> tuple[str, str]:
+        """(key text, source) from the first member tagged EdgeKeySet that hands it over, else ("", "")."""
+        for member in self._peers():
+            if not member.edge_key_set:
+                continue
+            url = f"http://{_host_port(member.ip, member.agent_port)}/key"
+            try:
+                async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=PEER_KEY_TIMEOUT)) as http, \
+                        http.get(url) as resp:
+                    body = await resp.read()
+                    if resp.status != 200:
+                        raise ValueError(f"HTTP {resp.status}")
+                data = json.loads(body)
+                text = data.get("key") if isinstance(data, dict) else None
+                if isinstance(text, str) and text:
+                    return text, f"cluster member {member.node_name}"
+                raise ValueError("no key in the answer")
+            except (aiohttp.ClientError, TimeoutError, OSError, ValueError) as exc:
+                log_failure(Code.EDGE_KEY_INVALID, f"cannot get the Edge key from member {member.node_name}: "
+                            f"{exc or type(exc).__name__}", url=url)
+        return "", ""
+
+    # --- setting the key later (page, API, cluster) ------------------------------------------------------
+
+    async def set_key(self, text: str, source: str) -> None:
+        """Raises EdgeKeyError (malformed) or KeyAlreadySetError; starts the Edge services on success."""
+        async with self._lock:
+            if self.key is not None:
+                raise KeyAlreadySetError("An Edge key is already associated to this agent")
+            key = parse_edge_key(text)
+            await self._adopt(key, text, source, persist=True)
+        if self._started:
+            self._start_services()
+        if self.ui is not None and source != "association page":
+            self.ui.close_soon()
+        if not source.startswith("cluster"):
+            self._spawn(self._propagate())
+
+    async def _propagate(self) -> None:
+        """Offer the key to members without one (Go: PropagateKeyInCluster), one attempt each."""
+        for member in self._peers():
+            if member.edge_key_set:
+                continue
+            url = f"http://{_host_port(member.ip, member.agent_port)}/key"
+            try:
+                async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=PEER_KEY_TIMEOUT)) as http, \
+                        http.post(url, json={"Key": self.key_text}) as resp:
+                    if resp.status not in (204, 409):
+                        raise ValueError(f"HTTP {resp.status}")
+            except (aiohttp.ClientError, TimeoutError, OSError, ValueError) as exc:
+                log_failure(Code.EDGE_KEY_INVALID, f"cannot hand the Edge key to member {member.node_name}: "
+                            f"{exc or type(exc).__name__}", url=url)
+
+    @property
+    def accepting_keys(self) -> bool:
+        """No key yet and still inside the association window (see the module docstring)."""
+        return self.key is None and asyncio.get_running_loop().time() < self._accept_until
+
+    def _members_changed(self, members: list[Member]) -> None:
+        """While waiting for a key: take it from a member that got one (ours; Go looks only at start)."""
+        if not self.accepting_keys or self._fetching:
+            return
+        me = self.state.info.node_name
+        if any(m.edge_key_set and m.node_name != me for m in members):
+            self._spawn(self._fetch_from_cluster())
+
+    async def _fetch_from_cluster(self) -> None:
+        self._fetching = True
+        try:
+            text, source = await self._key_from_cluster()
+            if text and self.key is None:
+                with contextlib.suppress(KeyAlreadySetError):
+                    await self.set_key(text, source)
+        except EdgeKeyError as exc:
+            log_failure(Code.EDGE_KEY_INVALID, f"the key handed over by the cluster is unusable: {exc}")
+        finally:
+            self._fetching = False
+
+    async def _key_from_page(self, text: str) -> None:
+        await self.set_key(text, "association page")
+
+    # --- HTTP: the gate and /key --------------------------------------------------------------------------
+
+    def middleware(self) -> Any:
+        @web.middleware
+        async def edge_gate(request: web.Request, handler: Handler) -> web.StreamResponse:
+            if _is_key_path(request.path) and (request.method != "POST" or self.key is not None
+                                               or self.accepting_keys):
+                return await handler(request)
+            if self.key is None:
+                return _error(403, MSG_NO_KEY, "Edge key not set")
+            if self.tunnels is not None:
+                self.tunnels.record_activity()
+            return await handler(request)
+
+        return edge_gate
+
+    def current_key(self) -> str:
+        """As Go's GetKey: the key re-encoded, a global key carrying the endpoint id Portainer gave us."""
+        key = self.key
+        if key is None:
+            return ""
+        if key.is_global and self.client is not None and self.client.endpoint_id:
+            return dataclasses.replace(key, endpoint_id=self.client.endpoint_id).encode()
+        return key.encode()
+
+    async def key_handler(self, request: web.Request) -> web.StreamResponse:
+        """``GET /key`` and ``POST /key`` of Go's http/handler/key (messages kept)."""
+        if request.path != "/key":
+            return _error(404, "Not found", f"no such Edge key endpoint: {request.path}")
+        if request.method == "GET":
+            if self.key is None:
+                return _error(404, "No key associated to this agent", "Edge key unavailable")
+            return web.json_response({"key": self.current_key()})
+        if request.method != "POST":
+            return _error(405, "Method not allowed", f"{request.method} is not supported on /key")
+        if self.key is not None:
+            return _error(409, "An Edge key is already associated to this agent", "Edge key already associated")
+        try:
+            payload = json.loads(await request.content.read(64 * 1024))
+            if not isinstance(payload, dict):
+                raise ValueError("the payload is not a JSON object")
+        except ValueError as exc:
+            return _error(400, "Invalid request payload", str(exc) or "invalid JSON")
+        # Go's JSON decoding matches field names case-insensitively: {"Key"} and {"key"} both work.
+        text = next((v for k, v in payload.items() if k.lower() == "key"), "")
+        if not isinstance(text, str) or not text.strip():
+            return _error(400, "Invalid request payload", "Invalid key")
+        try:
+            await self.set_key(text, "POST /key")
+        except EdgeKeyError as exc:
+            return _error(400, "Unable to associate Edge key", str(exc))
+        except KeyAlreadySetError:
+            return _error(409, "An Edge key is already associated to this agent", "Edge key already associated")
+        return web.Response(status=204)
+
+    # --- services -----------------------------------------------------------------------------------------
+
+    async def start(self) -> None:
+        """Called once the API listens: start polling, or open the association page (never blocks)."""
+        self._started = True
+        if self.key is not None:
+            self._start_services()
+            return
+        self._accept_until = asyncio.get_running_loop().time() + self.options.ui_timeout
+        self.state.membership.subscribe(self._members_changed)
+        self.ui = AssociationUI(self.config.edge_server_host, self.config.edge_server_port, self._key_from_page,
+                                self.options.ui_timeout)
+        try:
+            await self.ui.start()
+        except OSError as exc:
+            log_failure(Code.EDGE_KEY_INVALID, f"no Edge key, and the association page cannot listen on "
+                        f"{_host_port(self.config.edge_server_host, self.config.edge_server_port)}: {exc}; "
+                        "set EDGE_KEY or POST /key")
+            self.ui = None
+
+    def _tunnel_server(self, key: EdgeKey) -> str:
+        if self.options.transport == "ssh":
+            return _host_port(key.tunnel_host, key.tunnel_port)
+        return key.tunnel_url
+
+    def _make_tunnel(self, config: TunnelConfig) -> ReverseTunnel:
+        if self.options.transport == "ssh":
+            from edge.tunnel.ssh import SshTunnel
+
+            return SshTunnel(config, client_keys=[self.options.ssh_key] if self.options.ssh_key else None)
+        from edge.tunnel.chisel import ChiselTunnel
+
+        tls: ssl.SSLContext | bool = self.client.ssl_context if self.client is not None else True
+        return ChiselTunnel(config, ssl=tls)
+
+    def _start_services(self) -> None:
+        key = self.key
+        if self._services or key is None:
+            return
+        self._services = True
+        config = self.config
+        self.client = PortainerClient(
+            key.portainer_url, config.edge_id, key.endpoint_id, update_id=config.update_id,
+            tls=TlsFiles(config.mtls_cert, config.mtls_key, config.mtls_ca, config.edge_insecure_poll),
+        )
+        if config.edge_tunnel:
+            self.tunnels = TunnelManager(
+                self._make_tunnel, server=self._tunnel_server(key), fingerprint=key.fingerprint,
+                local_host=self.listen_host, local_port=config.agent_port, edge_id=config.edge_id,
+                inactivity_timeout=config.edge_inactivity_timeout,
+            )
+            self.tunnels.start()
+        runner = ContainerJobRunner(self.state.docker, self.options.job_image, self.options.job_memory,
+                                    self.options.job_cpus, self.options.job_timeout)
+        self._spawn(runner.remove_leftovers())
+        self.scheduler = Scheduler(runner, config.data_path / "edge_jobs", self.client.send_job_logs)
+        self.poller = Poller(self.client, self._on_status, global_key=key.is_global,
+                             interval=self.options.poll_interval, max_backoff=self.options.poll_max_backoff,
+                             should_poll=self._should_poll)
+        self.poller.start()
+        log.info("Edge agent polling %s every %gs (tunnel %s, inactivity timeout %gs)", key.portainer_url,
+                 self.options.poll_interval, self.options.transport if config.edge_tunnel else "disabled",
+                 config.edge_inactivity_timeout)
+
+    async def _on_status(self, response: PollResponse) -> None:
+        if self.tunnels is not None:
+            self.tunnels.apply(response.status, response.port, response.credentials)
+        if self.scheduler is not None:
+            self.scheduler.apply(response.schedules)
+
+    async def _should_poll(self) -> bool:
+        """Only a standalone engine or the Swarm leader polls (Go: checkDockerRuntimeConfig every 5 s)."""
+        if not self.state.info.swarm:
+            return True
+        loop = asyncio.get_running_loop()
+        checked, leader = self._leader
+        if loop.time() - checked >= LEADER_CHECK_INTERVAL:
+            try:
+                leader = (await read_engine_info(self.state.docker)).leader
+            except Exception as exc:  # keep the last answer while the engine is unreachable
+                log.debug("leader check failed: %s", exc)
+            if leader != self._leader[1]:
+                log.info("this node %s the Swarm leader: Edge polling %s", "is" if leader else "is no longer",
+                         "on" if leader else "off")
+            self._leader = (loop.time(), leader)
+        return leader
+
+    def _spawn(self, coro: Awaitable[Any]) -> None:
+        task = asyncio.ensure_future(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def close(self) -> None:
+        if self.ui is not None:
+            await self.ui.close()
+        if self.poller is not None:
+            await self.poller.close()
+        if self.tunnels is not None:
+            await self.tunnels.close()
+        if self.scheduler is not None:
+            await self.scheduler.close()
+        for task in list(self._tasks):
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await task
+        if self.client is not None:
+            await self.client.close()

@@ -1,0 +1,423 @@
+"""A stand-in for Portainer's Edge API, written from portainer/portainer (2.23) server source:
+
+* ``GET /api/endpoints/{id}/edge/status`` (api/http/handler/endpointedge/endpointedge_status_inspect.go):
+  check order: id not numeric -> 400; ``If-None-Match`` (comma list) containing the cached ETag -> 304 with that
+  ETag (before any identity check); no heartbeat (unknown environment) -> 403; EdgeID header missing or not the
+  recorded one -> 403 (security/bouncer.go AuthorizedEdgeEndpointOperation); heartbeat; not trusted -> 403
+  (TrustedEdgeEnvironmentAccess); EdgeID recorded if empty, ``Portainer-Agent-Platform`` missing or not 1/2 ->
+  400 "agent platform header is not valid"; the very first check-in opens the tunnel (snapshot) -> REQUIRED.
+  200 body: compact JSON (segmentio encoder, no trailing newline, HTML characters escaped) in struct order
+  status, port, schedules, checkin, credentials, stacks, with ``[]`` never null; ETag = lowercase hex of
+  FNV-1a-32 over the body, cached per environment and dropped on every change (internal/edge/cache).
+* Tunnels (api/chisel/tunnel.go): Open picks a port in [49152, 65535) that nothing answers on, an 8-character
+  user and password, allows the user ``^R:0.0.0.0:<port>$`` on the chisel server and encrypts ``user:pass``
+  with the environment's EdgeID; close only forgets the tunnel (its user removal cuts the encrypted text at ':'
+  and so removes nobody, kept as is). Status is REQUIRED while open; ACTIVE can be forced by tests (CE never
+  sends it).
+* ``POST /api/endpoints/global-key`` (endpoints/endpoint_create_global_key.go): 400 without EdgeID, 200
+  ``{"endpointID":N}`` for a known EdgeID, else 404.
+* ``POST /api/endpoints/{id}/edge/jobs/{jobID}/logs`` (endpointedge/endpointedge_job_logs.go, behind
+  middlewares.WithEndpoint): bad id 400, unknown 404, EdgeID check 403, bad job id 400, bad JSON 400, unknown
+  job 404; stores FileContent, sets CollectLogs false / LogsStatus collected, drops the cache, answers ``null``.
+* Errors are libhttp's ``{"message","details"}`` with the details' first letter capitalised.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import random
+import socket
+import ssl
+import string
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+from aiohttp import web
+
+from edge.credentials import encrypt_credentials
+from tests.edge.chisel_server import ChiselTestServer
+
+MIN_PORT, MAX_PORT = 49152, 65535
+STATUS_IDLE, STATUS_REQUIRED, STATUS_ACTIVE = "IDLE", "REQUIRED", "ACTIVE"
+LOGS_PENDING, LOGS_COLLECTED = 1, 2
+UNTRUSTED = "Permission denied to access environment. The device has not been trusted yet"
+
+
+def fnv1a32(data: bytes) -> int:
+    h = 0x811C9DC5
+    for byte in data:
+        h ^= byte
+        h = (h * 0x01000193) & 0xFFFFFFFF
+    return h
+
+
+def go_json(value: Any) -> bytes:
+    """encoding/json-compatible compact output: HTML characters and U+2028/2029 escaped, no newline."""
+    text = json.dumps(value, separators=(",", ":"), ensure_ascii=False)
+    for char, esc in (("<", "\\u003c"), (">", "\\u003e"), ("&", "\\u0026"), ("\u2028", "\\u2028"),
+                      ("\u2029", "\\u2029")):
+        text = text.replace(char, esc)
+    return text.encode()
+
+
+def capitalize(text: str) -> str:
+    return text[:1].upper() + text[1:]
+
+
+def http_error(status: int, message: str, err: str | None = None) -> web.Response:
+    details = capitalize(err if err is not None else message)
+    body: dict[str, str] = {}
+    if message:
+        body["message"] = message
+    if details:
+        body["details"] = details
+    return web.Response(status=status, body=go_json(body), content_type="application/json")
+
+
+def _random_text(n: int = 8) -> str:
+    alphabet = string.ascii_letters + string.digits  # dchest/uniuri's StdChars
+    return "".join(random.SystemRandom().choice(alphabet) for _ in range(n))
+
+
+def raw_b64(data: bytes) -> str:
+    return base64.b64encode(data).decode().rstrip("=")
+
+
+@dataclass
+class Endpoint:
+    id: int
+    name: str
+    edge_id: str = ""
+    """Recorded EdgeID: empty until the first trusted check-in unless pre-set."""
+    trusted: bool = True
+    last_checkin: int = 0
+    """0 = never checked in: the next trusted check-in opens the tunnel (initial snapshot)."""
+    agent_version: str = ""
+    platform: int = 0
+    heartbeat: float = 0.0
+
+
+@dataclass
+class Tunnel:
+    status: str
+    port: int
+    user: str
+    password: str
+    credentials: str
+
+
+@dataclass
+class JobMeta:
+    collect_logs: bool = False
+    logs_status: int = 0
+
+
+@dataclass
+class EdgeJob:
+    id: int
+    cron: str
+    script: bytes
+    version: int = 1
+    endpoints: dict[int, JobMeta] = field(default_factory=dict)
+
+
+@dataclass
+class PollRecord:
+    path: str
+    headers: dict[str, str]
+    status: int
+    at: float
+
+
+class PortainerStandin:
+    def __init__(self, chisel: ChiselTestServer | None = None, checkin: int = 5,
+                 trust_on_first_connect: bool = False, tunnel_user: str | None = None) -> None:
+        self.chisel = chisel
+        self.tunnel_user = tunnel_user
+        """Test knob for the ssh transport: hand out this user (an account of the test sshd) instead of a
+        random one."""
+        self.checkin = checkin
+        self.trust_on_first_connect = trust_on_first_connect
+        self.endpoints: dict[int, Endpoint] = {}
+        self.tunnels: dict[int, Tunnel] = {}
+        self.jobs: dict[int, EdgeJob] = {}
+        self.cache: dict[int, str] = {}
+        self.polls: list[PollRecord] = []
+        self.logs: list[tuple[int, int, str]] = []
+        self.global_key_requests: list[dict[str, str]] = []
+        self.port = 0
+        self.tls = False
+        self._runner: web.AppRunner | None = None
+
+    # --- server ------------------------------------------------------------------------------------------
+
+    @property
+    def url(self) -> str:
+        return f"{'https' if self.tls else 'http'}://127.0.0.1:{self.port}"
+
+    @property
+    def running(self) -> bool:
+        return self._runner is not None
+
+    async def start(self, ssl_context: ssl.SSLContext | None = None) -> None:
+        """Listen on 127.0.0.1 (the same port again after stop(), so agents find it back)."""
+        self.tls = ssl_context is not None
+        app = web.Application()
+        app.router.add_get("/api/endpoints/{id}/edge/status", self._status)
+        app.router.add_post("/api/endpoints/global-key", self._global_key)
+        app.router.add_post("/api/endpoints/{id}/edge/jobs/{jobID}/logs", self._job_logs)
+        self._runner = web.AppRunner(app, handle_signals=False, shutdown_timeout=0.5, access_log=None)
+        await self._runner.setup()
+        await web.TCPSite(self._runner, "127.0.0.1", self.port, ssl_context=ssl_context,
+                          reuse_address=True).start()
+        self.port = self._runner.addresses[0][1]
+
+    async def stop(self) -> None:
+        """Portainer down: nothing listens on its port any more (state is kept for start())."""
+        if self._runner is not None:
+            await self._runner.cleanup()
+            self._runner = None
+
+    # --- test controls -----------------------------------------------------------------------------------
+
+    def add_endpoint(self, endpoint_id: int, edge_id: str = "", trusted: bool = True,
+                     checked_in: bool = False) -> Endpoint:
+        ep = Endpoint(endpoint_id, f"edge-{endpoint_id}", edge_id, trusted,
+                      int(time.time()) if checked_in else 0, heartbeat=time.time())
+        self.endpoints[endpoint_id] = ep
+        return ep
+
+    def key_for(self, endpoint_id: int, fingerprint: str | None = None, tunnel_addr: str | None = None) -> str:
+        """The Edge key Portainer shows for an environment (api/chisel/key.go), base64 RawStd."""
+        assert self.chisel is not None or (fingerprint and tunnel_addr)
+        fp = fingerprint if fingerprint is not None else self.chisel.fingerprint  # type: ignore[union-attr]
+        addr = tunnel_addr or f"127.0.0.1:{self.chisel.port}"  # type: ignore[union-attr]
+        return raw_b64(f"{self.url}|{addr}|{fp}|{endpoint_id}".encode())
+
+    def set_status(self, endpoint_id: int, status: str) -> Tunnel | None:
+        """IDLE closes the tunnel, REQUIRED opens one (if none), ACTIVE marks an open one as in use."""
+        if status == STATUS_IDLE:
+            self.close_tunnel(endpoint_id)
+            return None
+        tunnel = self.open_tunnel(self.endpoints[endpoint_id])
+        if tunnel is not None and status == STATUS_ACTIVE:
+            tunnel.status = STATUS_ACTIVE
+            self.cache.pop(endpoint_id, None)
+        return tunnel
+
+    def open_tunnel(self, ep: Endpoint) -> Tunnel | None:
+        """chisel/tunnel.go Open (errors are only logged by its callers)."""
+        if ep.id == 0 or not ep.edge_id or not ep.trusted:
+            return None
+        if ep.id in self.tunnels:
+            return self.tunnels[ep.id]
+        self.cache.pop(ep.id, None)
+        port = self._unused_port()
+        user, password = self.tunnel_user or _random_text(), _random_text()
+        if self.chisel is not None:
+            self.chisel.users[user] = (password, f"^R:0.0.0.0:{port}$")
+        tunnel = Tunnel(STATUS_REQUIRED, port, user, password, encrypt_credentials(user, password, ep.edge_id))
+        self.tunnels[ep.id] = tunnel
+        return tunnel
+
+    def close_tunnel(self, endpoint_id: int) -> None:
+        tunnel = self.tunnels.pop(endpoint_id, None)
+        if tunnel is None:
+            return
+        if self.chisel is not None:  # as tunnel.go close: the cut of the encrypted text names no user
+            self.chisel.users.pop(tunnel.credentials.partition(":")[0], None)
+        self.cache.pop(endpoint_id, None)
+
+    def _unused_port(self) -> int:
+        while True:
+            port = random.randrange(MIN_PORT, MAX_PORT)
+            if any(t.port == port for t in self.tunnels.values()):
+                continue
+            with socket.socket() as sock:
+                sock.settimeout(0.2)
+                if sock.connect_ex(("127.0.0.1", port)) == 0:
+                    continue
+            return port
+
+    def add_job(self, job_id: int, cron: str, script: bytes, endpoint_ids: list[int]) -> EdgeJob:
+        job = EdgeJob(job_id, cron, script, endpoints={eid: JobMeta() for eid in endpoint_ids})
+        self.jobs[job_id] = job
+        for eid in endpoint_ids:
+            self.cache.pop(eid, None)
+        return job
+
+    def update_job(self, job_id: int, *, cron: str | None = None, script: bytes | None = None) -> EdgeJob:
+        job = self.jobs[job_id]
+        if cron is not None:
+            job.cron = cron
+        if script is not None:
+            job.script = script
+        job.version += 1
+        for eid in job.endpoints:
+            self.cache.pop(eid, None)
+        return job
+
+    def remove_job(self, job_id: int) -> None:
+        job = self.jobs.pop(job_id)
+        for eid in job.endpoints:
+            self.cache.pop(eid, None)
+
+    def request_logs(self, job_id: int, endpoint_id: int) -> None:
+        """edgejobs/edgejob_tasklogs_collect.go: CollectLogs on, status pending, cache dropped."""
+        self.jobs[job_id].endpoints[endpoint_id] = JobMeta(True, LOGS_PENDING)
+        self.cache.pop(endpoint_id, None)
+
+    def logs_for(self, job_id: int, endpoint_id: int) -> list[str]:
+        return [content for eid, jid, content in self.logs if eid == endpoint_id and jid == job_id]
+
+    def polls_for(self, endpoint_id: int, status: int | None = None) -> list[PollRecord]:
+        path = f"/api/endpoints/{endpoint_id}/edge/status"
+        return [p for p in self.polls if p.path == path and (status is None or p.status == status)]
+
+    # --- handlers ----------------------------------------------------------------------------------------
+
+    def _record(self, request: web.Request, response: web.Response) -> web.Response:
+        self.polls.append(PollRecord(request.path, dict(request.headers), response.status, time.monotonic()))
+        return response
+
+    async def _status(self, request: web.Request) -> web.Response:
+        return self._record(request, self._status_inner(request))
+
+    def _status_inner(self, request: web.Request) -> web.Response:
+        raw_id = request.match_info["id"]
+        try:
+            endpoint_id = int(raw_id, 10)
+        except ValueError:
+            return http_error(400, "Invalid environment identifier route variable",
+                              f'strconv.Atoi: parsing "{raw_id}": invalid syntax')
+        cached = self._from_cache(request, endpoint_id)
+        if cached is not None:
+            return cached
+        ep = self.endpoints.get(endpoint_id)
+        if ep is None:
+            return http_error(403, UNTRUSTED,
+                              f"unable to retrieve endpoint heartbeat. Environment ID: {endpoint_id}")
+        first_conn = ep.last_checkin == 0
+        edge_id = request.headers.get("X-PortainerAgent-EdgeID", "")
+        if not edge_id:
+            return http_error(403, UNTRUSTED, f"unauthorized Edge endpoint operation: missing Edge identifier. "
+                                              f"Environment name: {ep.name}")
+        if ep.edge_id and ep.edge_id != edge_id:
+            return http_error(403, UNTRUSTED, f"unauthorized Edge endpoint operation: invalid Edge identifier. "
+                                              f"Environment name: {ep.name}")
+        ep.heartbeat = time.time()
+        if not ep.trusted and not self.trust_on_first_connect:
+            return http_error(403, UNTRUSTED, f"untrusted Edge environment access: the device has not been "
+                                              f"trusted yet. Environment name: {ep.name}")
+        ep.edge_id = ep.edge_id or edge_id
+        platform_err = self._platform_error(request.headers.get("Portainer-Agent-Platform", ""))
+        if platform_err:
+            return http_error(400, "agent platform header is not valid",
+                              f"edge polling error: {platform_err}. Environment name: {ep.name}")
+        ep.platform = int(request.headers["Portainer-Agent-Platform"])
+        ep.agent_version = request.headers.get("Portainer-Agent", "")
+        if first_conn:
+            self.open_tunnel(ep)
+        ep.last_checkin = int(time.time())
+        tunnel = self.tunnels.get(ep.id)
+        body = go_json({
+            "status": tunnel.status if tunnel else STATUS_IDLE,
+            "port": tunnel.port if tunnel else 0,
+            "schedules": self._schedules(ep.id),
+            "checkin": self.checkin,
+            "credentials": tunnel.credentials if tunnel else "",
+            "stacks": [],
+        })
+        etag = format(fnv1a32(body), "x")
+        self.cache[ep.id] = etag
+        return web.Response(body=body, content_type="application/json", headers={"ETag": etag})
+
+    @staticmethod
+    def _platform_error(header: str) -> str:
+        if header == "":
+            return "agent platform header is missing"
+        try:
+            value = int(header)
+        except ValueError:
+            return f'strconv.Atoi: parsing "{header}": invalid syntax'
+        if value not in (1, 2):
+            return f"agent platform {value} is not valid"
+        return ""
+
+    def _from_cache(self, request: web.Request, endpoint_id: int) -> web.Response | None:
+        header = request.headers.get("If-None-Match", "")
+        etags = header.split(",")
+        if not header or etags[0] == "":
+            return None
+        cached = self.cache.get(endpoint_id)
+        if cached is None:
+            return None
+        for etag in etags:
+            if etag == cached:
+                if endpoint_id in self.endpoints:
+                    self.endpoints[endpoint_id].heartbeat = time.time()
+                return web.Response(status=304, headers={"ETag": etag})
+        return None
+
+    def _schedules(self, endpoint_id: int) -> list[dict[str, Any]]:
+        out: list[dict[str, Any]] = []
+        for job in self.jobs.values():
+            meta = job.endpoints.get(endpoint_id)
+            if meta is None:
+                continue
+            out.append({"Id": job.id, "CollectLogs": meta.collect_logs, "CronExpression": job.cron,
+                        "Script": raw_b64(job.script), "Version": job.version})
+        return out
+
+    async def _global_key(self, request: web.Request) -> web.Response:
+        self.global_key_requests.append(dict(request.headers))
+        edge_id = request.headers.get("X-PortainerAgent-EdgeID", "")
+        if not edge_id:
+            return http_error(400, "Invalid Edge ID", "the Edge ID cannot be empty")
+        for ep in self.endpoints.values():
+            if ep.edge_id == edge_id:
+                return web.Response(body=go_json({"endpointID": ep.id}), content_type="application/json")
+        return http_error(404, "Unable to find the endpoint in the database")
+
+    async def _job_logs(self, request: web.Request) -> web.Response:
+        raw_id = request.match_info["id"]
+        try:
+            endpoint_id = int(raw_id, 10)
+        except ValueError:
+            return http_error(400, "Invalid environment identifier route variable",
+                              f'strconv.Atoi: parsing "{raw_id}": invalid syntax')
+        ep = self.endpoints.get(endpoint_id)
+        if ep is None:
+            return http_error(404, "Unable to find an environment with the specified identifier inside the database",
+                              "object not found inside the database")
+        edge_id = request.headers.get("X-PortainerAgent-EdgeID", "")
+        if not edge_id or (ep.edge_id and ep.edge_id != edge_id):
+            return http_error(403, "Permission denied to access environment",
+                              f"unauthorized edge endpoint operation: {'missing' if not edge_id else 'invalid'} "
+                              f"Edge identifier. Environment name: {ep.name}")
+        raw_job = request.match_info["jobID"]
+        try:
+            job_id = int(raw_job, 10)
+        except ValueError:
+            return http_error(400, "Invalid edge job identifier route variable",
+                              f"invalid Edge job route variable: strconv.Atoi: parsing \"{raw_job}\": invalid "
+                              f"syntax. Environment name: {ep.name}")
+        try:
+            payload = json.loads(await request.read())
+            content = payload.get("FileContent", "") if isinstance(payload, dict) else None
+            if not isinstance(content, str):
+                raise ValueError("FileContent is not a string")
+        except ValueError as exc:
+            return http_error(400, "Invalid request payload",
+                              f"invalid Edge job request payload: {exc}. Environment name: {ep.name}")
+        job = self.jobs.get(job_id)
+        if job is None:
+            return http_error(404, "Unable to find an edge job with the specified identifier inside the database",
+                              f"edge polling error: object not found inside the database. Environment name: "
+                              f"{ep.name}")
+        self.logs.append((endpoint_id, job_id, content))
+        job.endpoints[endpoint_id] = JobMeta(False, LOGS_COLLECTED)
+        self.cache.pop(endpoint_id, None)
+        return web.Response(body=b"null", content_type="application/json")
