@@ -3,6 +3,8 @@
 #   ./dev.sh local            run one agent on the local engine (a private dockerd is started if none answers)
 #   ./dev.sh test [ARGS]      ruff, mypy and the whole pytest suite (ARGS go to pytest)
 #   ./dev.sh swarm up|down    a real 3-node Swarm in network namespaces, with an agent per node
+#   ./dev.sh swarm deploy     the agent image as a global stack (docker-compose.swarm.yml) on that Swarm
+#   ./dev.sh image            build the agent image offline (local Debian base); saved in .local/image/
 #   ./dev.sh bench            the benchmark suite (results in bench/results/)
 set -euo pipefail
 cd "$(dirname "$0")"
@@ -15,6 +17,7 @@ APT_BASE=(python3 python3-venv python3-pip docker.io busybox-static serf iproute
           openssh-server openssh-client curl ca-certificates)
 APT_TEST=(chromium chromium-driver)
 APT_BENCH=(haproxy hey)
+APT_IMAGE=(debootstrap)
 
 log() { printf '[dev.sh] %s\n' "$*" >&2; }
 
@@ -98,7 +101,7 @@ cmd_local() {
 
 cmd_test() {
     need_root
-    ensure_apt "${APT_BASE[@]}" "${APT_TEST[@]}"
+    ensure_apt "${APT_BASE[@]}" "${APT_TEST[@]}" "${APT_IMAGE[@]}"
     ensure_venv
     log "ruff"
     "$VENV/bin/ruff" check .
@@ -119,9 +122,16 @@ cmd_swarm() {
     case "$sub" in
         up) "$PY" -m tools.swarm up --agents --state-dir .swarm "$@" ;;
         down) "$PY" -m tools.swarm down --state-dir .swarm "$@" ;;
-        deploy) "$PY" -m tools.swarm deploy --state-dir .swarm "$@" ;;
+        deploy) ensure_apt "${APT_IMAGE[@]}"; "$PY" -m tools.deploy --state-dir .swarm "$@" ;;
         *) log "usage: ./dev.sh swarm up|down|deploy"; exit 2 ;;
     esac
+}
+
+cmd_image() {
+    need_root
+    ensure_apt "${APT_BASE[@]}" "${APT_IMAGE[@]}"
+    ensure_venv
+    "$PY" -m tools.image "$@"
 }
 
 cmd_bench() {
@@ -135,6 +145,7 @@ case "${1:-}" in
     local) shift; cmd_local "$@" ;;
     test) shift; cmd_test "$@" ;;
     swarm) shift; cmd_swarm "$@" ;;
+    image) shift; cmd_image "$@" ;;
     bench) shift; cmd_bench "$@" ;;
-    *) sed -n '2,7p' "$0"; exit 2 ;;
+    *) sed -n '2,8p' "$0"; exit 2 ;;
 esac

@@ -1,8 +1,9 @@
 """Start cluster membership for a Swarm node, as the Go agent does (PROTOCOL.md section 6).
 
 Join AGENT_CLUSTER_ADDR, else `tasks.<service name>` from the agent container's Swarm labels (after a
-3-second wait for Docker's DNS); every address a name resolves to is joined. A failed join leaves a
-cluster of one that others can still join; a failed lookup is fatal, as in Go.
+3-second wait for Docker's DNS); every address a name resolves to is joined. A failed join or lookup leaves
+a cluster of one that keeps re-resolving and re-joining while it is alone (Go stays alone, and exits on a
+failed lookup, which a health-checked service hits on every fresh deploy).
 """
 
 from __future__ import annotations
@@ -70,10 +71,12 @@ async def start_membership(config: Config, info: EngineInfo, advertise: str,
     try:
         targets = await resolve()
     except OSError as exc:
-        await membership.close()
-        raise RuntimeError(f"{Code.CLUSTER_JOIN_FAILED.value} cannot resolve cluster address {name!r}: {exc}") \
-            from exc
-    joined = await membership.join(targets)
+        # Not fatal (Go exits here): Swarm lists a task in tasks.<service> only once its health check
+        # passes, and that needs this agent serving. Keep going alone; keep_joining retries the lookup.
+        log_failure(Code.CLUSTER_JOIN_FAILED, "cluster address does not resolve yet: retrying in the background",
+                    name=name, error=exc)
+        targets = []
+    joined = await membership.join(targets) if targets else 0
     others = [m for m in membership.members() if m.node_name != info.node_name]
     if not others:
         log_failure(Code.CLUSTER_JOIN_FAILED, "no other member yet: retrying in the background", targets=targets)

@@ -40,6 +40,14 @@ from edge.credentials import encrypt_credentials
 from tests.edge.chisel_server import ChiselTestServer
 
 MIN_PORT, MAX_PORT = 49152, 65535
+
+
+def _ephemeral_range() -> tuple[int, int]:
+    try:
+        low, high = open("/proc/sys/net/ipv4/ip_local_port_range").read().split()
+        return int(low), int(high)
+    except (OSError, ValueError):
+        return 32768, 60999
 STATUS_IDLE, STATUS_REQUIRED, STATUS_ACTIVE = "IDLE", "REQUIRED", "ACTIVE"
 LOGS_PENDING, LOGS_COLLECTED = 1, 2
 UNTRUSTED = "Permission denied to access environment. The device has not been trusted yet"
@@ -231,8 +239,14 @@ class PortainerStandin:
         self.cache.pop(endpoint_id, None)
 
     def _unused_port(self) -> int:
+        # Here Portainer's tunnel server shares loopback with the agent, whose own outgoing connections take
+        # ephemeral ports: a port the kernel may hand out as a connection's source would make the reverse
+        # listener fail to bind. Stay within Portainer's range but above the ephemeral one.
+        low = max(MIN_PORT, _ephemeral_range()[1] + 1)
+        if low >= MAX_PORT:
+            low = MIN_PORT
         while True:
-            port = random.randrange(MIN_PORT, MAX_PORT)
+            port = random.randrange(low, MAX_PORT)
             if any(t.port == port for t in self.tunnels.values()):
                 continue
             with socket.socket() as sock:
