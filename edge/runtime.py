@@ -118,7 +118,7 @@ class EdgeRuntime:
             try:
                 text = read_key_file(runtime.key_path) or ""
             except OSError as exc:
-                log_failure(Code.EDGE_KEY_INVALID, f"cannot read {runtime.key_path}: {exc}")
+                log_failure(Code.EDGE_KEY_STORE_FAILED, f"cannot read {runtime.key_path}: {exc}")
                 text = ""
             source = str(runtime.key_path)
             if text:
@@ -148,7 +148,7 @@ class EdgeRuntime:
             try:
                 await asyncio.to_thread(write_key_file, self.key_path, self.key_text)
             except OSError as exc:
-                log_failure(Code.EDGE_KEY_INVALID, f"the Edge key is used but cannot be stored in "
+                log_failure(Code.EDGE_KEY_STORE_FAILED, f"the Edge key is used but cannot be stored in "
                             f"{self.key_path}: {exc}")
         await self.state.membership.set_tags({TAG_EDGE_KEY_SET: "set"})
 
@@ -174,7 +174,7 @@ class EdgeRuntime:
                     return text, f"cluster member {member.node_name}"
                 raise ValueError("no key in the answer")
             except (aiohttp.ClientError, TimeoutError, OSError, ValueError) as exc:
-                log_failure(Code.EDGE_KEY_INVALID, f"cannot get the Edge key from member {member.node_name}: "
+                log_failure(Code.EDGE_KEY_HANDOVER_FAILED, f"cannot get the Edge key from member {member.node_name}: "
                             f"{exc or type(exc).__name__}", url=url)
         return "", ""
 
@@ -206,7 +206,7 @@ class EdgeRuntime:
                     if resp.status not in (204, 409):
                         raise ValueError(f"HTTP {resp.status}")
             except (aiohttp.ClientError, TimeoutError, OSError, ValueError) as exc:
-                log_failure(Code.EDGE_KEY_INVALID, f"cannot hand the Edge key to member {member.node_name}: "
+                log_failure(Code.EDGE_KEY_HANDOVER_FAILED, f"cannot hand the Edge key to member {member.node_name}: "
                             f"{exc or type(exc).__name__}", url=url)
 
     @property
@@ -307,7 +307,7 @@ class EdgeRuntime:
         try:
             await self.ui.start()
         except OSError as exc:
-            log_failure(Code.EDGE_KEY_INVALID, f"no Edge key, and the association page cannot listen on "
+            log_failure(Code.EDGE_UI_FAILED, f"no Edge key, and the association page cannot listen on "
                         f"{_host_port(self.config.edge_server_host, self.config.edge_server_port)}: {exc}; "
                         "set EDGE_KEY or POST /key")
             self.ui = None
