@@ -163,3 +163,21 @@ def test_address_and_profile_helpers() -> None:
     assert choose_profile(0.2, 1.0) == "local"
     assert choose_profile(3.0, 5.0) == "wan"
     assert choose_profile(2.0, 4.0) == "wan"
+
+
+async def test_a_node_alone_keeps_joining_until_the_others_exist(make_node: NodeFactory) -> None:
+    """Agents of a global service start together: a join that finds nobody is retried while alone."""
+    lonely = await make_node("early")
+    seen: list[str] = []  # what the "DNS name" resolves to: nothing at first, like tasks.<service>
+
+    async def resolve() -> list[str]:
+        if not seen:
+            raise OSError("name does not resolve yet")
+        return list(seen)
+
+    lonely.keep_joining(resolve, interval=0.2, max_interval=0.5)
+    late = await make_node("late")
+    seen.append(f"{late.bind_ip}:{late.bind_port}")
+    await wait_until(lambda: {m.node_name for m in lonely.members()} == {"early", "late"},
+                     "the early node found the late one")
+    await wait_until(lambda: {m.node_name for m in late.members()} == {"early", "late"}, "and the other way")
