@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import aiohttp
+import orjson
 from aiohttp import web
 
 from agent.cluster.membership import Member
@@ -23,6 +24,22 @@ from proxy.routing import HEADER_TARGET, strip_version
 from proxy.upstream import Upstream
 
 HEADER_FAILED_NODES = "X-Keelson-Failed-Nodes"
+
+
+def loads(body: bytes) -> Any:
+    """orjson parses a node's listing several times faster (bench/); json takes integers beyond 64 bits."""
+    try:
+        return orjson.loads(body)
+    except orjson.JSONDecodeError:
+        return json.loads(body)
+
+
+def dumps(data: Any) -> bytes:
+    """Compact JSON bytes of the merged listing; json takes over where orjson refuses (huge integers)."""
+    try:
+        return orjson.dumps(data)
+    except orjson.JSONEncodeError:
+        return json.dumps(data, separators=(",", ":")).encode()
 
 
 @dataclass
@@ -36,7 +53,7 @@ class NodeAnswer:
 def parse_node_body(node: str, status: int, body: bytes, volumes: bool) -> NodeAnswer:
     """Turn one node's answer into items (pure): an object with `message` is that node's error."""
     try:
-        data = json.loads(body) if body else None
+        data = loads(body) if body else None
     except ValueError:
         return NodeAnswer(node, error=f"HTTP {status}: invalid JSON")
     if isinstance(data, dict) and "message" in data and status >= 300:
@@ -113,4 +130,4 @@ async def handle(request: web.Request, state: AgentState) -> web.StreamResponse:
     if failed and len(failed) == len(answers):
         return json_error(502, "No node of the cluster answered: " + "; ".join(
             f"{n}: {r}" for n, r in failed.items()), Code.FANOUT_ALL_FAILED, headers=headers)
-    return web.json_response(merged, headers=headers)
+    return web.Response(body=dumps(merged), headers=headers, content_type="application/json")

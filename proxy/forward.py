@@ -28,6 +28,8 @@ HOP_BY_HOP = frozenset(
     )
 )
 CHUNK = 2**16
+GATHER_BELOW = 2**14  # a streamed piece smaller than one TLS record waits for more (see _pipe_body) ...
+GATHER_WAIT = 0.002  # ... for at most this long
 HIGH_WATER = 2**18
 
 
@@ -100,9 +102,7 @@ async def forward_http(
         try:
             await response.prepare(request)
             if request.method != "HEAD":
-                async for chunk in upstream_resp.content.iter_any():
-                    metrics.bytes_streamed.labels("download").inc(len(chunk))
-                    await response.write(chunk)
+                await _pipe_body(upstream_resp.content, response, metrics, length is None)
             await response.write_eof()
         except (ConnectionResetError, aiohttp.ClientConnectionResetError):
             log_failure(Code.PROXY_CLIENT_GONE, "client went away during a stream", path=request.path)
@@ -111,6 +111,33 @@ async def forward_http(
             with contextlib.suppress(Exception):
                 request.transport.close()  # type: ignore[union-attr]
     return response
+
+
+async def _pipe_body(content: aiohttp.StreamReader, response: web.StreamResponse, metrics: Metrics,
+                     gather: bool) -> None:
+    """Copy a response body as it arrives. With `gather` (a body of unknown length: logs, events, save), a
+    piece smaller than GATHER_BELOW waits at most GATHER_WAIT for more (up to CHUNK), so that a burst of small
+    pieces (`docker logs` sends one HTTP chunk per line) goes out as one write (one TLS record, one send)
+    instead of one per line."""
+    counter = metrics.bytes_streamed.labels("download")
+    while True:
+        chunk = await content.readany()
+        if not chunk:
+            return
+        if gather and len(chunk) < GATHER_BELOW:
+            parts = [chunk]
+            size = len(chunk)
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(GATHER_WAIT):
+                    while size < CHUNK:
+                        more = await content.readany()
+                        if not more:
+                            break
+                        parts.append(more)
+                        size += len(more)
+            chunk = b"".join(parts)
+        counter.inc(len(chunk))
+        await response.write(chunk)
 
 
 async def _counting(stream: aiohttp.StreamReader, metrics: Metrics, direction: str) -> Any:

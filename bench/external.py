@@ -1,0 +1,120 @@
+"""The reference proxies and tools of the benchmarks: Debian's HAProxy (TLS in front of the Docker socket)
+and Debian's hey (a Go load generator, for TCP targets)."""
+
+from __future__ import annotations
+
+import re
+import shutil
+import socket
+import subprocess
+import time
+from pathlib import Path
+from typing import Any
+
+from agent.tls import self_signed_pem
+from bench.common import stop_pid
+from tools.agentproc import free_port
+
+
+class HAProxy:
+    """HAProxy terminating TLS (its own self-signed certificate) on 127.0.0.1:<free port> and proxying to a
+    unix socket with keep-alive on both sides. Its config is written here; it runs in the foreground (-db)
+    as our child and is stopped by PID. One thread by default: the agent is one event loop on one core, so
+    both get the same CPU budget (HAProxy's own default would be one thread per core)."""
+
+    def __init__(self, workdir: Path, socket_path: str, threads: int = 1) -> None:
+        self.workdir = workdir
+        self.socket_path = socket_path
+        self.threads = threads
+        self.port = free_port()
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    @property
+    def url(self) -> str:
+        return f"https://127.0.0.1:{self.port}"
+
+    def config(self) -> str:
+        return f"""global
+    maxconn 4096
+    nbthread {self.threads}
+    tune.ssl.default-dh-param 2048
+
+defaults
+    mode http
+    timeout connect 5s
+    timeout client 120s
+    timeout server 120s
+    option http-keep-alive
+    http-reuse always
+
+frontend keelson_bench
+    bind 127.0.0.1:{self.port} ssl crt {self.workdir / "haproxy.pem"}
+    default_backend docker
+
+backend docker
+    server engine unix@{self.socket_path}
+"""
+
+    def start(self) -> HAProxy:
+        binary = shutil.which("haproxy")
+        if binary is None:
+            raise RuntimeError("haproxy is missing (./dev.sh bench installs it: apt-get install -y haproxy)")
+        self.workdir.mkdir(parents=True, exist_ok=True)
+        cert, key = self_signed_pem(["127.0.0.1"])
+        pem = self.workdir / "haproxy.pem"
+        pem.write_bytes(cert + key)
+        pem.chmod(0o600)
+        cfg = self.workdir / "haproxy.cfg"
+        cfg.write_text(self.config())
+        check = subprocess.run([binary, "-c", "-f", str(cfg)], capture_output=True, text=True, check=False)
+        if check.returncode != 0:
+            raise RuntimeError(f"haproxy config refused: {check.stdout}{check.stderr}")
+        log = open(self.workdir / "haproxy.log", "ab")
+        self.proc = subprocess.Popen([binary, "-db", "-f", str(cfg)], stdout=log, stderr=subprocess.STDOUT)
+        log.close()
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"haproxy exited: {(self.workdir / 'haproxy.log').read_text()[-2000:]}")
+            try:
+                with socket.create_connection(("127.0.0.1", self.port), timeout=0.5):
+                    return self
+            except OSError:
+                time.sleep(0.05)
+        raise RuntimeError("haproxy did not listen within 10 s")
+
+    def stop(self) -> None:
+        stop_pid(self.proc)
+
+
+
+def hey(url: str, headers: dict[str, str], concurrency: int, requests: int, timeout: float = 120.0) -> dict[str, Any]:
+    """Debian's hey against a TCP URL (TLS unverified): requests/s, p50, p99. Bounded by `requests` and by
+    `timeout` seconds (the child is killed past it)."""
+    binary = shutil.which("hey")
+    if binary is None:
+        return {"skipped": "hey is missing (./dev.sh bench installs it)"}
+    cmd = [binary, "-n", str(requests), "-c", str(concurrency), "-t", "30"]
+    for name, value in headers.items():
+        cmd += ["-H", f"{name}: {value}"]
+    cmd.append(url)
+    try:
+        res = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, check=False)
+    except subprocess.TimeoutExpired:
+        return {"skipped": f"hey did not finish within {timeout}s"}
+    return parse_hey(res.stdout)
+
+
+def parse_hey(text: str) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    m = re.search(r"Requests/sec:\s*([\d.]+)", text)
+    out["rps"] = float(m.group(1)) if m else 0.0
+    for line in text.splitlines():
+        m2 = re.match(r"^\s*(\d+)% in ([\d.]+) secs", line)
+        if m2 and m2.group(1) in ("50", "99"):
+            out[f"p{m2.group(1)}_ms"] = round(float(m2.group(2)) * 1000, 3)
+    codes = re.findall(r"\[(\d{3})\]\s+(\d+) responses", text)
+    out["statuses"] = {c: int(n) for c, n in codes}
+    errors = re.search(r"Error distribution:(.*)", text, re.S)
+    out["errors"] = errors.group(1).strip()[:300] if errors else ""
+    return out

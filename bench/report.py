@@ -1,0 +1,156 @@
+"""The targets of issue 5 checked against one run's ratios, and a markdown summary of that run."""
+
+from __future__ import annotations
+
+from typing import Any
+
+CONTAINERS = "/containers/json?all=1"
+
+
+def _get(d: Any, *keys: str) -> Any:
+    for k in keys:
+        if not isinstance(d, dict) or k not in d:
+            return None
+        d = d[k]
+    return d
+
+
+def targets(results: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    """name -> {value, target, met}; a scenario that did not run gives no entry."""
+    out: dict[str, dict[str, Any]] = {}
+
+    def add(name: str, value: Any, op: str, bound: float) -> None:
+        if value is None or value == 0:
+            return
+        met = value <= bound if op == "<=" else value >= bound
+        out[name] = {"value": value, "target": f"{op} {bound}", "met": bool(met)}
+
+    ov = results.get("overhead") or {}
+    add("p50 agent/direct, /containers/json c=1", _get(ov, "ratios", f"{CONTAINERS} c=1", "p50_agent/direct"),
+        "<=", 1.3)
+    for path in ("/_ping", "/version", CONTAINERS):
+        add(f"req/s agent/haproxy, {path} c=64 (bench.loadgen)",
+            _get(ov, "ratios", f"{path} c=64", "rps_agent/haproxy"), ">=", 1.0)
+        add(f"req/s agent/haproxy, {path} c=64 (hey)", _get(ov, "hey_ratios", f"{path} c=64"), ">=", 1.0)
+    st = results.get("streaming") or {}
+    for case in ("save", "logs"):
+        add(f"MB/s agent/direct, {case} (docker CLI)", _get(st, case, "mbps_agent/direct"), ">=", 0.9)
+        add(f"MB/s agent/direct, {case} (Python client)", _get(st, case, "mbps_agent/direct_python"), ">=", 0.9)
+        add(f"agent peak RSS MiB, {case}", max(_get(st, case, "agent", "rss_peak_mib") or 0,
+                                                _get(st, case, "agent_python", "rss_peak_mib") or 0), "<=", 100)
+    fo = results.get("fanout") or {}
+    add("fan-out p50 agent/slowest node", _get(fo, "p50_agent/slowest_node"), "<=", 1.2)
+    add("fan-out p50 agent/all engines at once", _get(fo, "p50_agent/direct_all_at_once"), "<=", 1.2)
+    add("dead node: extra time/deadline", _get(fo, "blackhole", "extra/deadline"), "<=", 1.0)
+    return out
+
+
+def markdown(results: dict[str, Any]) -> str:
+    lines: list[str] = []
+    meta = results.get("meta", {})
+    lines.append(f"Run of {meta.get('started', '?')} (`{meta.get('command', '')}`), {meta.get('cpus')} CPUs, "
+                 f"load average {meta.get('loadavg_start')} -> {meta.get('loadavg_end')}, "
+                 f"{meta.get('seconds')} s in all.")
+    lines.append("")
+    ov = results.get("overhead")
+    if isinstance(ov, dict) and "table" in ov:
+        names = list(next(iter(ov["table"].values())))
+        lines.append("| request | " + " | ".join(f"{n} p50 / p99 ms, req/s" for n in names)
+                     + " | agent/direct p50 | agent/haproxy p50 | agent/haproxy req/s |")
+        lines.append("|---" * (len(names) + 4) + "|")
+        for key, row in ov["table"].items():
+            r = ov["ratios"].get(key, {})
+            cells = [f"{row[n]['p50_ms']:.2f} / {row[n]['p99_ms']:.2f}, {row[n]['rps']:.0f}" for n in names]
+            lines.append(f"| `GET {key}` | " + " | ".join(cells) + f" | {r.get('p50_agent/direct')} | "
+                         f"{r.get('p50_agent/haproxy')} | {r.get('rps_agent/haproxy')} |")
+        if ov.get("hey"):
+            lines.append("")
+            lines.append("hey (Go client), concurrency 64, req/s: " + "; ".join(
+                f"`{k}` " + ", ".join(f"{n} {v.get('rps', 0):.0f}" for n, v in row.items())
+                + f" (agent/haproxy {ov.get('hey_ratios', {}).get(k)})"
+                for k, row in ov["hey"].items()))
+        lines.append("")
+    st = results.get("streaming")
+    if isinstance(st, dict) and "save" in st:
+        lines.append("| stream | client | direct MB/s | agent MB/s | agent/direct | agent RSS start -> peak MiB |")
+        lines.append("|---|---|---|---|---|---|")
+        for case in ("save", "logs"):
+            row = st[case]
+            for client, sfx in (("docker CLI", ""), ("Python", "_python")):
+                agent = row["agent" + sfx]
+                lines.append(f"| {case} ({row['direct']['bytes'] / 2**20:.0f} MiB) | {client} | "
+                             f"{row['direct' + sfx]['mb_per_s']} | {agent['mb_per_s']} | "
+                             f"{row['mbps_agent/direct' + sfx]} | "
+                             f"{agent['rss_start_mib']} -> {agent['rss_peak_mib']} |")
+        lines.append("")
+    fo = results.get("fanout")
+    if isinstance(fo, dict) and "agent_p50_ms" in fo:
+        lines.append(f"Fan-out, {fo['nodes']} nodes x {fo['containers_per_node']} containers: agent "
+                     f"{fo['agent_p50_ms']} ms; nodes alone {fo['direct_alone_p50_ms']} ms (slowest "
+                     f"{fo['slowest_node_p50_ms']}); all engines at once {fo['direct_all_at_once_p50_ms']} ms; "
+                     f"agent/slowest {fo['p50_agent/slowest_node']}, agent/all-at-once "
+                     f"{fo['p50_agent/direct_all_at_once']}.")
+        bh = fo.get("blackhole") or {}
+        if bh:
+            lines.append(f"Blackholed {bh['node']}: answers {[a['ms'] for a in bh['answers']]} ms "
+                         f"(deadline {fo['fanout_timeout_s'] * 1000:.0f} ms); worst with the node left out "
+                         f"{bh['max_ms_with_node_left_out']} ms, extra over healthy {bh['extra_ms_over_healthy']} ms "
+                         f"= {bh['extra/deadline']} x deadline.")
+        lines.append("")
+    sm = results.get("sim")
+    if isinstance(sm, dict) and "rows" in sm:
+        lines.append("| simulated nodes | fan-out p50 ms | per node ms | direct fetch of all p50 ms | "
+                     "RSS idle MiB | RSS per agent MiB | RSS peak MiB |")
+        lines.append("|---|---|---|---|---|---|---|")
+        for r in sm["rows"]:
+            lines.append(f"| {r['nodes']} | {r['fanout_p50_ms']:.1f} | {r['fanout_per_node_ms']} | "
+                         f"{r['direct_all_engines_p50_ms']:.1f} | {r['process_rss_idle_mib']} | "
+                         f"{r['rss_per_agent_idle_mib']} | {r['process_rss_peak_mib']} |")
+        lines.append("")
+    su = results.get("startup")
+    if isinstance(su, dict) and "agent_start_ms" in su:
+        lines.append(f"Start-up to first 204 on /ping: {su['agent_start_ms']} ms (python + the same imports: "
+                     f"{su['python_imports_start_ms']} ms, x{su['start_agent/python_imports']}); idle RSS "
+                     f"{su['agent_idle_rss_mib']} MiB (python + imports {su['python_imports_idle_rss_mib']} MiB, "
+                     f"HAProxy {su['haproxy_idle_rss_mib']} MiB).")
+        lines.append("")
+    ba = before_after(results)
+    if ba:
+        lines.append("Before/after (`--compare-tree`: the same measurements on a copy of the code before the change, "
+                     "same run): " + "; ".join(f"{k} {v}" for k, v in ba.items()) + ".")
+        lines.append("")
+    tg = results.get("targets") or {}
+    if tg:
+        lines.append("| target | measured | wanted | met |")
+        lines.append("|---|---|---|---|")
+        for name, t in tg.items():
+            lines.append(f"| {name} | {t['value']} | {t['target']} | {'yes' if t['met'] else '**no**'} |")
+        lines.append("")
+    errors = {k: v["error"] for k, v in results.items() if isinstance(v, dict) and "error" in v}
+    if errors:
+        lines.append("Scenarios that failed: " + "; ".join(f"{k}: {v}" for k, v in errors.items()))
+    return "\n".join(lines) + "\n"
+
+
+def before_after(results: dict[str, Any]) -> dict[str, Any]:
+    """The after/before ratios of a run with --compare-tree (empty without it)."""
+    out: dict[str, Any] = {}
+    ov = results.get("overhead") or {}
+    for key, r in (ov.get("ratios") or {}).items():
+        if "p50_after/before" in r:
+            out[f"p50 after/before `{key}`"] = r["p50_after/before"]
+            out[f"req/s after/before `{key}`"] = r["rps_after/before"]
+    st = results.get("streaming") or {}
+    for case in ("save", "logs"):
+        for sfx, client in (("", "docker CLI"), ("_python", "Python client")):
+            value = _get(st, case, "mbps_after/before" + sfx)
+            if value is not None:
+                out[f"MB/s after/before {case} ({client})"] = value
+    sm = results.get("sim") or {}
+    for nodes, value in (sm.get("p50_after/before") or {}).items():
+        out[f"sim fan-out p50 after/before, {nodes} nodes"] = value
+    rows, before = sm.get("rows") or [], sm.get("before_rows") or []
+    for a, b in zip(rows, before, strict=False):
+        out[f"sim peak RSS after/before, {a['nodes']} nodes"] = round(a["process_rss_peak_mib"] /
+                                                                      b["process_rss_peak_mib"], 3)
+    return out
