@@ -20,6 +20,7 @@ APT_BENCH=(haproxy hey)
 APT_IMAGE=(debootstrap)
 
 log() { printf '[dev.sh] %s\n' "$*" >&2; }
+LOCAL_PIDS=()
 
 need_root() {
     if [ "$(id -u)" != 0 ]; then
@@ -76,12 +77,16 @@ cmd_local() {
     ensure_apt "${APT_BASE[@]}"
     ensure_venv
     mkdir -p .local
-    local engine_pid=""
+    # The agent and the private engine are ours: whatever ends this script (Ctrl-C, SIGTERM, an error)
+    # stops them by PID (tools.dockerd removes its engine, namespace and mounts on SIGTERM).
+    LOCAL_PIDS=()
+    trap 'stop_local' EXIT
+    trap 'stop_local; exit 130' INT TERM
     if ! engine_answers "${DOCKER_HOST:-}"; then
         log "no Docker engine answers: starting a private dockerd in .local/dockerd"
         "$PY" -m tools.dockerd .local/dockerd > .local/dockerd.out 2>&1 &
-        engine_pid=$!
-        trap '[ -n "$engine_pid" ] && kill "$engine_pid" 2>/dev/null; wait "$engine_pid" 2>/dev/null || true' EXIT
+        local engine_pid=$!
+        LOCAL_PIDS+=("$engine_pid")
         for _ in $(seq 1 120); do
             [ -s .local/dockerd.out ] && break
             kill -0 "$engine_pid" 2>/dev/null || { cat .local/dockerd.out >&2; exit 1; }
@@ -96,7 +101,21 @@ cmd_local() {
     mkdir -p "$DATA_PATH"
     log "engine: ${DOCKER_HOST:-unix:///var/run/docker.sock}"
     log "try:    DOCKER_CERT_PATH=$REPO/.local/docker-config docker --config $REPO/.local/docker-config --tls -H tcp://127.0.0.1:$port ps"
-    "$PY" -m agent
+    "$PY" -m agent &
+    local agent_pid=$!
+    LOCAL_PIDS=("$agent_pid" "${LOCAL_PIDS[@]}")
+    local rc=0
+    wait "$agent_pid" || rc=$?
+    return "$rc"
+}
+
+stop_local() {
+    local pid
+    for pid in "${LOCAL_PIDS[@]}"; do
+        kill "$pid" 2>/dev/null || true
+        wait "$pid" 2>/dev/null || true
+    done
+    LOCAL_PIDS=()
 }
 
 cmd_test() {

@@ -209,11 +209,13 @@ def main() -> None:
     import sys
 
     root = Path(sys.argv[1] if len(sys.argv) > 1 else ".local/dockerd").resolve()
+    # Blocked, so that SIGINT/SIGTERM wait in sigwait below instead of killing us before the clean-up.
+    signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT, signal.SIGTERM})
     engine = PrivateDockerd(root=root, netns=f"kls-local-{new_run_id()}", hostname="keelson-local")
-    engine.start()
-    engine.import_busybox()
-    print(engine.host, flush=True)
     try:
+        engine.start()
+        engine.import_busybox()
+        print(engine.host, flush=True)
         signal.sigwait({signal.SIGINT, signal.SIGTERM})
     finally:
         engine.stop()
