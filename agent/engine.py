@@ -64,8 +64,8 @@ def parse_info(info: Mapping[str, Any], nodes: list[dict[str, Any]] | None = Non
     )
 
 
-async def read_engine_info(docker: aiodocker.Docker) -> EngineInfo:
-    info = await docker.system.info()
+async def read_engine_info(docker: aiodocker.Docker, info: Mapping[str, Any]) -> EngineInfo:
+    """EngineInfo from `GET /info` (already read by the caller); a manager also asks for its own node."""
     nodes: list[dict[str, Any]] = []
     swarm = info.get("Swarm") or {}
     if swarm.get("ControlAvailable") and swarm.get("NodeID"):

@@ -16,7 +16,7 @@ from agent.cluster.bootstrap import start_membership
 from agent.cluster.membership import StaticMembership
 from agent.cluster.serf import SerfError
 from agent.config import Config
-from agent.engine import docker_client, find_advertise_addr, own_container, parse_info, read_engine_info
+from agent.engine import docker_client, find_advertise_addr, own_container, read_engine_info
 from agent.errors import Code, log_failure
 from agent.metrics import Metrics
 from agent.server import build_app
@@ -32,13 +32,11 @@ async def build_state(config: Config) -> AgentState:
     docker = docker_client(config.docker)
     try:
         raw_info = await docker.system.info()
-        info = await read_engine_info(docker)
+        info = await read_engine_info(docker, raw_info)
     except (TimeoutError, aiodocker.DockerError, OSError) as exc:
         await docker.close()
         raise RuntimeError(f"{Code.PROXY_DOCKER_UNREACHABLE.value} cannot reach the Docker engine at "
                            f"{config.docker.url}: {exc}") from exc
-    if not info.node_name:
-        info = parse_info(raw_info)
     container = await own_container(docker)
     advertise = config.advertise_addr or await find_advertise_addr(docker, raw_info, config.agent_host, container)
     state = AgentState(

@@ -370,7 +370,8 @@ class EdgeRuntime:
         checked, leader = self._leader
         if loop.time() - checked >= LEADER_CHECK_INTERVAL:
             try:
-                leader = (await read_engine_info(self.state.docker)).leader
+                docker = self.state.docker
+                leader = (await read_engine_info(docker, await docker.system.info())).leader
             except Exception as exc:  # keep the last answer while the engine is unreachable
                 log.debug("leader check failed: %s", exc)
             if leader != self._leader[1]:

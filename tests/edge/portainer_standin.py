@@ -42,6 +42,16 @@ from tests.edge.chisel_server import ChiselTestServer
 MIN_PORT, MAX_PORT = 49152, 65535
 
 
+def _endpoint_id(request: web.Request) -> int | web.Response:
+    """The route's environment id, or Portainer's 400 for one that is not a number."""
+    raw_id = request.match_info["id"]
+    try:
+        return int(raw_id, 10)
+    except ValueError:
+        return http_error(400, "Invalid environment identifier route variable",
+                          f'strconv.Atoi: parsing "{raw_id}": invalid syntax')
+
+
 def _ephemeral_range() -> tuple[int, int]:
     try:
         low, high = open("/proc/sys/net/ipv4/ip_local_port_range").read().split()
@@ -300,12 +310,9 @@ class PortainerStandin:
         return self._record(request, self._status_inner(request))
 
     def _status_inner(self, request: web.Request) -> web.Response:
-        raw_id = request.match_info["id"]
-        try:
-            endpoint_id = int(raw_id, 10)
-        except ValueError:
-            return http_error(400, "Invalid environment identifier route variable",
-                              f'strconv.Atoi: parsing "{raw_id}": invalid syntax')
+        endpoint_id = _endpoint_id(request)
+        if isinstance(endpoint_id, web.Response):
+            return endpoint_id
         cached = self._from_cache(request, endpoint_id)
         if cached is not None:
             return cached
@@ -396,12 +403,9 @@ class PortainerStandin:
         return http_error(404, "Unable to find the endpoint in the database")
 
     async def _job_logs(self, request: web.Request) -> web.Response:
-        raw_id = request.match_info["id"]
-        try:
-            endpoint_id = int(raw_id, 10)
-        except ValueError:
-            return http_error(400, "Invalid environment identifier route variable",
-                              f'strconv.Atoi: parsing "{raw_id}": invalid syntax')
+        endpoint_id = _endpoint_id(request)
+        if isinstance(endpoint_id, web.Response):
+            return endpoint_id
         ep = self.endpoints.get(endpoint_id)
         if ep is None:
             return http_error(404, "Unable to find an environment with the specified identifier inside the database",
