@@ -1,4 +1,4 @@
-"""`python -m agent`: run one agent in the foreground until SIGINT/SIGTERM."""
+"""`python -m agent [--flag=value ...]`: run one agent in the foreground until SIGINT/SIGTERM."""
 
 from __future__ import annotations
 
@@ -6,27 +6,48 @@ import asyncio
 import logging
 import signal
 import sys
+from pathlib import Path
 
-from agent.config import ConfigError, load_config
+from agent.config import Config, ConfigError, load_config
 from agent.logs import setup_logging
 from agent.runtime import run
 
 log = logging.getLogger("keelson")
 
 
-def main() -> int:
+async def wait_for_certificate(config: Config, stop: asyncio.Event) -> bool:
+    """MTLS_CERT_RETRY_INTERVAL: block until the mTLS certificate and key exist, as the Go agent does (the
+    files are often written by another container after start). False when stopped while waiting."""
+    files = [Path(config.mtls_cert), Path(config.mtls_key)]
+    while not all(path.is_file() for path in files):
+        log.info("waiting for the mTLS certificate and key (%s, %s), next look in %gs", *files,
+                 config.mtls_cert_retry_interval)
+        try:
+            await asyncio.wait_for(stop.wait(), config.mtls_cert_retry_interval)
+            return False
+        except TimeoutError:
+            continue
+    return True
+
+
+def main(argv: list[str] | None = None) -> int:
     try:
-        config = load_config()
+        config = load_config(argv=sys.argv[1:] if argv is None else argv)
     except ConfigError as exc:
         print(f"CONFIG_INVALID {exc}", file=sys.stderr)
         return 2
     setup_logging(config.log_level, config.log_mode)
+    for name in config.ignored:
+        log.warning("CONFIG_IGNORED %s is set but has no effect in Keelson (see the README)", name)
 
     async def _main() -> int:
         stop = asyncio.Event()
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGINT, signal.SIGTERM):
             loop.add_signal_handler(sig, stop.set)
+        if config.mtls_cert and config.mtls_cert_retry_interval > 0:
+            if not await wait_for_certificate(config, stop):
+                return 0
         return await run(config, stop)
 
     return asyncio.run(_main())

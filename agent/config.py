@@ -15,7 +15,7 @@ from pathlib import Path
 _DURATION_PART = re.compile(r"(\d+(?:\.\d*)?|\.\d+)(ns|us|µs|μs|ms|s|m|h)")
 _UNIT_SECONDS = {"ns": 1e-9, "us": 1e-6, "µs": 1e-6, "μs": 1e-6, "ms": 1e-3, "s": 1.0, "m": 60.0, "h": 3600.0}
 LOG_LEVELS = ("DEBUG", "INFO", "WARN", "ERROR")
-LOG_MODES = ("PRETTY", "JSON")
+LOG_MODES = ("PRETTY", "NOCOLOR", "JSON")
 
 
 class ConfigError(ValueError):
@@ -112,10 +112,19 @@ class Config:
     mtls_ca: str = ""
     mtls_cert_retry_interval: float = 0.0
     update_id: int = 0
+    edge_groups: tuple[int, ...] = ()
+    portainer_group: int = 0
+    portainer_tags: tuple[int, ...] = ()
+    edge_tunnel_proxy: str = ""
+    ignored: tuple[str, ...] = ()
+    """Go options that are set but have no meaning here (logged once at start)."""
     docker: DockerEndpoint = field(default_factory=DockerEndpoint)
     # Keelson's own options (no Go equivalent); names start with KEELSON_.
     advertise_addr: str = ""
     fanout_timeout: float = 5.0
+    websocket_ping: float = 50.0
+    dockerhub_auth_url: str = "https://auth.docker.io"
+    dockerhub_registry_url: str = "https://registry-1.docker.io"
     host_root: Path = Path("/host")
     serf_binary: str = "serf"
     serf_port: int = 7946
@@ -170,6 +179,13 @@ def _ip(env: Mapping[str, str], name: str, default: str) -> str:
         raise ConfigError(f"{name}: {raw!r} is not an IP address") from None
 
 
+def _url(env: Mapping[str, str], name: str, default: str) -> str:
+    raw = _get(env, name, default).rstrip("/")
+    if not raw.startswith(("http://", "https://")) or len(raw.split("://", 1)[1]) == 0:
+        raise ConfigError(f"{name}: {raw!r} is not an http:// or https:// URL")
+    return raw
+
+
 def _choice(env: Mapping[str, str], name: str, default: str, choices: tuple[str, ...]) -> str:
     raw = _get(env, name, default).upper()
     if raw not in choices:
@@ -196,23 +212,96 @@ def _docker(env: Mapping[str, str]) -> DockerEndpoint:
     return DockerEndpoint(url=url, tls_verify=tls_verify, cert_path=cert_path)
 
 
-def _mtls(env: Mapping[str, str]) -> tuple[str, str, str]:
+def _mtls(env: Mapping[str, str], wait_for_files: bool) -> tuple[str, str, str]:
+    """The mTLS files. With MTLS_CERT_RETRY_INTERVAL set, certificate and key may appear after start (Go
+    blocks until both exist: cmd/agent/main.go, edge/ssl.go); they are checked again once they are there."""
     cert, key, ca = env.get("MTLS_SSL_CERT", ""), env.get("MTLS_SSL_KEY", ""), env.get("MTLS_SSL_CA", "")
     if bool(cert) != bool(key):
         raise ConfigError("MTLS_SSL_CERT: MTLS_SSL_CERT and MTLS_SSL_KEY must be set together")
     if ca and not cert:
         raise ConfigError("MTLS_SSL_CA: needs MTLS_SSL_CERT and MTLS_SSL_KEY as well")
     for name, value in (("MTLS_SSL_CERT", cert), ("MTLS_SSL_KEY", key), ("MTLS_SSL_CA", ca)):
+        if wait_for_files and name != "MTLS_SSL_CA":
+            continue
         if value and not Path(value).is_file():
             raise ConfigError(f"{name}: {value!r} is not a readable file")
     return cert, key, ca
 
 
-def load_config(env: Mapping[str, str] | None = None) -> Config:
+def _id_list(env: Mapping[str, str], name: str) -> tuple[int, ...]:
+    """Go's colon-separated list of integer identifiers (`1:4:7`), as os/options.go parses EDGE_GROUPS."""
+    raw = env.get(name, "")
+    if not raw:
+        return ()
+    try:
+        return tuple(int(part) for part in raw.split(":"))
+    except ValueError:
+        raise ConfigError(f"{name}: {raw!r} is not a colon-separated list of integers (like 1:4:7)") from None
+
+
+# The Go agent's command-line flags (os/options.go, kingpin): each sets the variable it mirrors and wins over
+# it. Boolean flags take no value (`--edge`, `--no-edge`).
+FLAGS: dict[str, str] = {
+    "host": "AGENT_HOST", "port": "AGENT_PORT", "secret-timeout": "AGENT_SECRET_TIMEOUT",
+    "cluster-addr": "AGENT_CLUSTER_ADDR", "agent-cluster-timeout": "AGENT_CLUSTER_PROBE_TIMEOUT",
+    "agent-cluster-interval": "AGENT_CLUSTER_PROBE_INTERVAL", "data": "DATA_PATH", "assets": "ASSETS_PATH",
+    "secret": "AGENT_SECRET", "log-level": "LOG_LEVEL", "log-mode": "LOG_MODE", "update-id": "UPDATE_ID",
+    "edge-key": "EDGE_KEY", "edge-id": "EDGE_ID", "edge-host": "EDGE_SERVER_HOST", "edge-port": "EDGE_SERVER_PORT",
+    "edge-inactivity": "EDGE_INACTIVITY_TIMEOUT", "edge-tunnel-http-proxy": "HTTP_PROXY",
+    "edge-tunnel-https-proxy": "HTTPS_PROXY", "edge-groups": "EDGE_GROUPS", "environment-group": "PORTAINER_GROUP",
+    "tags": "PORTAINER_TAGS", "mtlscert": "MTLS_SSL_CERT", "mtlskey": "MTLS_SSL_KEY", "mtlscacert": "MTLS_SSL_CA",
+    "sslcert": "MTLS_SSL_CERT", "sslkey": "MTLS_SSL_KEY", "sslcacert": "MTLS_SSL_CA",
+    "certificate-retry-interval": "MTLS_CERT_RETRY_INTERVAL",
+    "aws-cert": "AWS_CLIENT_CERT", "aws-key": "AWS_CLIENT_KEY", "aws-bundle": "AWS_CLIENT_BUNDLE",
+    "aws-role-arn": "AWS_ROLE_ARN", "aws-trust-anchor-arn": "AWS_TRUST_ANCHOR_ARN",
+    "aws-profile-arn": "AWS_PROFILE_ARN", "aws-region": "AWS_REGION",
+}
+IGNORED = ("ASSETS_PATH", "AWS_CLIENT_CERT", "AWS_CLIENT_KEY", "AWS_CLIENT_BUNDLE", "AWS_ROLE_ARN",
+           "AWS_TRUST_ANCHOR_ARN", "AWS_PROFILE_ARN", "AWS_REGION")
+"""Go options without an equivalent: the binaries folder (Keelson ships none) and AWS ECR credentials."""
+BOOL_FLAGS: dict[str, str] = {
+    "edge": "EDGE", "edge-async": "EDGE_ASYNC", "edge-insecurepoll": "EDGE_INSECURE_POLL", "edge-tunnel": "EDGE_TUNNEL",
+}
+USAGE = "usage: python -m agent [--flag=value ...]  (flags: " + ", ".join(
+    f"--{name}" for name in sorted([*FLAGS, *BOOL_FLAGS])) + "; each mirrors the variable of the same meaning)"
+
+
+def apply_flags(env: Mapping[str, str], argv: list[str]) -> dict[str, str]:
+    """The environment with the Go agent's command-line flags applied on top (a flag beats its variable)."""
+    merged = dict(env)
+    args = list(argv)
+    while args:
+        arg = args.pop(0)
+        if not arg.startswith("--") or arg == "--":
+            raise ConfigError(f"command line: unexpected argument {arg!r}; {USAGE}")
+        name, eq, value = arg[2:].partition("=")
+        if name in BOOL_FLAGS and not eq:
+            merged[BOOL_FLAGS[name]] = "true"
+        elif name.startswith("no-") and name[3:] in BOOL_FLAGS and not eq:
+            merged[BOOL_FLAGS[name[3:]]] = "false"
+        elif name in FLAGS:
+            if not eq:
+                if not args:
+                    raise ConfigError(f"command line: --{name} needs a value")
+                value = args.pop(0)
+            merged[FLAGS[name]] = value
+        else:
+            raise ConfigError(f"command line: unknown flag --{name}; {USAGE}")
+    return merged
+
+
+def load_config(env: Mapping[str, str] | None = None, argv: list[str] | None = None) -> Config:
     """Read and validate the whole configuration; raises ConfigError naming the first bad variable."""
     env = os.environ if env is None else env
+    if argv:
+        env = apply_flags(env, argv)
     edge_inactivity = _duration(env, "EDGE_INACTIVITY_TIMEOUT", "5m")
-    mtls_cert, mtls_key, mtls_ca = _mtls(env)
+    cert_retry = _duration(env, "MTLS_CERT_RETRY_INTERVAL", "0", allow_zero=True)
+    mtls_cert, mtls_key, mtls_ca = _mtls(env, wait_for_files=cert_retry > 0)
+    edge = _bool(env, "EDGE", False)
+    edge_async = _bool(env, "EDGE_ASYNC", False)
+    if edge_async and not edge:
+        raise ConfigError("EDGE_ASYNC: Edge async mode needs Edge mode (EDGE=1), as in the Go agent")
     advertise = env.get("KEELSON_ADVERTISE_ADDR", "")
     if advertise:
         advertise = _ip(env, "KEELSON_ADVERTISE_ADDR", advertise)
@@ -227,8 +316,8 @@ def load_config(env: Mapping[str, str] | None = None) -> Config:
         data_path=Path(_get(env, "DATA_PATH", "/data")),
         log_level=_choice(env, "LOG_LEVEL", "INFO", LOG_LEVELS),
         log_mode=_choice(env, "LOG_MODE", "PRETTY", LOG_MODES),
-        edge=_bool(env, "EDGE", False),
-        edge_async=_bool(env, "EDGE_ASYNC", False),
+        edge=edge,
+        edge_async=edge_async,
         edge_key=env.get("EDGE_KEY", ""),
         edge_id=env.get("EDGE_ID", ""),
         edge_server_host=_ip(env, "EDGE_SERVER_HOST", "0.0.0.0"),
@@ -239,12 +328,20 @@ def load_config(env: Mapping[str, str] | None = None) -> Config:
         mtls_cert=mtls_cert,
         mtls_key=mtls_key,
         mtls_ca=mtls_ca,
-        mtls_cert_retry_interval=_duration(env, "MTLS_CERT_RETRY_INTERVAL", "0", allow_zero=True),
+        mtls_cert_retry_interval=cert_retry,
         update_id=_int(env, "UPDATE_ID", 0),
+        edge_groups=_id_list(env, "EDGE_GROUPS"),
+        portainer_group=_int(env, "PORTAINER_GROUP", 0),
+        portainer_tags=_id_list(env, "PORTAINER_TAGS"),
+        edge_tunnel_proxy=env.get("HTTPS_PROXY", "") or env.get("HTTP_PROXY", ""),
         docker=_docker(env),
         advertise_addr=advertise,
         fanout_timeout=_duration(env, "KEELSON_FANOUT_TIMEOUT", "5s"),
+        websocket_ping=_duration(env, "KEELSON_WEBSOCKET_PING", "50s"),
+        dockerhub_auth_url=_url(env, "KEELSON_DOCKERHUB_AUTH_URL", "https://auth.docker.io"),
+        dockerhub_registry_url=_url(env, "KEELSON_DOCKERHUB_REGISTRY_URL", "https://registry-1.docker.io"),
         host_root=Path(_get(env, "KEELSON_HOST_ROOT", "/host")),
         serf_binary=_get(env, "KEELSON_SERF_BINARY", "serf"),
         serf_port=_port(env, "KEELSON_SERF_PORT", 7946),
+        ignored=tuple(name for name in IGNORED if env.get(name)),
     )

@@ -74,11 +74,14 @@ async def read_engine_info(docker: aiodocker.Docker, info: Mapping[str, Any]) ->
     return parse_info(info, nodes)
 
 
-def pick_container_address(container: dict[str, Any], scopes: dict[str, str], swarm: bool) -> str:
-    """The Go agent's advertise address: first attached network that is not ingress (swarm scope in Swarm)."""
+def pick_container_address(container: dict[str, Any], networks_info: dict[str, dict[str, Any]],
+                           swarm: bool) -> str:
+    """The Go agent's advertise address: first attached network that is not the ingress network (known by
+    its `Ingress` flag, whatever it is called), and of swarm scope in a Swarm."""
     networks = (container.get("NetworkSettings") or {}).get("Networks") or {}
+    scopes = {name: str(info.get("Scope", "")) for name, info in networks_info.items()}
     for name, net in networks.items():
-        if name == "ingress":
+        if (networks_info.get(name) or {}).get("Ingress") or (name == "ingress" and name not in networks_info):
             continue
         if swarm and scopes.get(name, "swarm") != "swarm":
             continue
@@ -102,14 +105,15 @@ async def find_advertise_addr(docker: aiodocker.Docker, info: Mapping[str, Any],
     """Container network (as the Go agent), else the Swarm node address, else AGENT_HOST, else loopback."""
     swarm = bool((info.get("Swarm") or {}).get("NodeID"))
     if container is not None:
-        scopes: dict[str, str] = {}
+        infos: dict[str, dict[str, Any]] = {}
         for name in ((container.get("NetworkSettings") or {}).get("Networks") or {}):
             try:
                 net = await docker._query_json(f"networks/{name}")
-                scopes[name] = net.get("Scope", "")
             except aiodocker.DockerError:
                 continue
-        addr = pick_container_address(container, scopes, swarm)
+            if isinstance(net, dict):
+                infos[name] = net
+        addr = pick_container_address(container, infos, swarm)
         if addr:
             return addr
     node_addr = (info.get("Swarm") or {}).get("NodeAddr") or ""

@@ -1,4 +1,4 @@
-"""Logging set-up: one line per event, PRETTY (key=value text) or JSON, as LOG_MODE asks."""
+"""Logging set-up: one line per event, PRETTY or NOCOLOR (text) or JSON, as LOG_MODE asks."""
 
 from __future__ import annotations
 
@@ -29,23 +29,34 @@ class JsonFormatter(logging.Formatter):
         return json.dumps(entry)
 
 
-class PrettyFormatter(logging.Formatter):
-    """Human-readable single lines; exceptions are folded to their last line (no tracebacks for bad input)."""
+_COLOURS = {"DEBUG": "\x1b[90m", "INFO": "\x1b[32m", "WARNING": "\x1b[33m", "ERROR": "\x1b[31m"}
 
-    def __init__(self) -> None:
-        super().__init__("%(asctime)s %(levelname)s %(name)s %(message)s", "%Y-%m-%dT%H:%M:%S")
+
+class PrettyFormatter(logging.Formatter):
+    """Human-readable single lines; exceptions are folded to their last line (no tracebacks for bad input).
+    PRETTY colours the level on a terminal (Go's console writer colours it always); NOCOLOR never does."""
+
+    def __init__(self, colour: bool = False) -> None:
+        level = "%(levelcolour)s%(levelname)s\x1b[0m" if colour else "%(levelname)s"
+        super().__init__(f"%(asctime)s {level} %(name)s %(message)s", "%Y-%m-%dT%H:%M:%S")
+        self.colour = colour
 
     def formatException(self, ei: object) -> str:
         text = super().formatException(ei)  # type: ignore[arg-type]
         return " | " + text.splitlines()[-1] if text else ""
 
     def format(self, record: logging.LogRecord) -> str:
+        if self.colour:
+            record.levelcolour = _COLOURS.get(record.levelname, "")
         return super().format(record).replace("\n", " ")
 
 
 def setup_logging(level: str = "INFO", mode: str = "PRETTY") -> None:
     handler = logging.StreamHandler(sys.stderr)
-    handler.setFormatter(JsonFormatter() if mode == "JSON" else PrettyFormatter())
+    if mode == "JSON":
+        handler.setFormatter(JsonFormatter())
+    else:
+        handler.setFormatter(PrettyFormatter(colour=mode == "PRETTY" and sys.stderr.isatty()))
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(_LEVELS.get(level, logging.INFO))

@@ -45,6 +45,11 @@ class Metrics:
             "keelson_fanout_node_failures", "Nodes that failed during a fan-out, by node",
             ["node"], registry=self.registry,
         )
+        self.api_version_adapted = Counter(
+            "keelson_api_version_adapted", "Requests sent to this node's engine at another API version than the "
+            "caller's, because the engine does not support it (down: the caller's is newer; up: older)",
+            ["direction"], registry=self.registry,
+        )
         self.cluster_members = Gauge(
             "keelson_cluster_members", "Alive members seen by this agent", registry=self.registry,
         )

@@ -8,6 +8,7 @@ import logging
 from typing import Any
 
 import aiodocker
+import aiohttp
 from aiohttp import web
 
 from agent.api.key import EDGE_KEY_HANDLER
@@ -49,6 +50,11 @@ async def build_state(config: Config) -> AgentState:
         advertise_addr=advertise,
         peers=PeerPool(tls=not config.edge, client_context=peer_client_context(config)),
     )
+    try:
+        await state.engine.read_api_range()
+    except (aiohttp.ClientError, OSError, TimeoutError, ValueError) as exc:
+        log.warning("%s cannot read the engine's API versions yet (requests go at the caller's version): %s",
+                    Code.PROXY_DOCKER_UNREACHABLE.value, exc)
     if info.swarm:
         try:
             state.membership = await start_membership(config, info, advertise, container)
@@ -93,6 +99,7 @@ async def run(config: Config, stop: asyncio.Event) -> int:
             log.error("%s %s", getattr(exc, "code", Code.EDGE_KEY_INVALID), exc)
             await state.close()
             return 1
+    state.engine.start_watch()
     app = build_app(state, [edge.middleware()] if edge is not None else None)
     if edge is not None:
         app[EDGE_KEY_HANDLER] = edge.key_handler

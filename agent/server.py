@@ -1,6 +1,7 @@
-"""The agent's web application: middlewares (metrics, signature) and one dispatcher for every path.
+"""The agent's web application: middlewares (target, metrics, signature) and one dispatch table.
 
-Routing is decided by proxy.routing (pure); this module only wires the decision to the executors.
+Routing is decided by proxy.routing (pure) on the target parsed once by proxy.target; this module only
+wires each decision to its executor.
 """
 
 from __future__ import annotations
@@ -12,19 +13,33 @@ from typing import Any
 from aiohttp import web
 
 from agent import API_VERSION, PLATFORM_DOCKER, VERSION
+from agent.api.agents import list_agents
+from agent.api.dockerhub import DOCKERHUB_AUTH_URL, DOCKERHUB_REGISTRY_URL, dockerhub_status
+from agent.api.host import host_info
+from agent.api.key import handle_key
+from agent.api.websocket import handle_websocket
 from agent.appkeys import DOCKER, STATE
 from agent.auth import HEADER_PUBLIC_KEY, HEADER_SIGNATURE, MSG_INVALID, MSG_MISSING, Verdict
 from agent.cluster.membership import find_member
 from agent.errors import Code, json_error
 from agent.metrics import CONTENT_TYPE
 from agent.state import AgentState
+from browse.handlers import HOST_ROOT_KEY, handle_browse
 from proxy import fanout
 from proxy.forward import relay
-from proxy.routing import HEADER_TARGET, Api, ApiRoute, Kind, classify, decide, strip_version
+from proxy.routing import HEADER_TARGET, Api, ApiRoute, Kind, classify, decide
+from proxy.target import BadTarget, Target, engine_version, parse_target
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 _T0 = "keelson_t0"
 _LABEL = "keelson_label"
+TARGET = "keelson_target"
+"""The request's parsed target (proxy.target.Target), set by target_middleware."""
+
+
+def request_target(request: web.Request) -> Target:
+    target: Target = request[TARGET]
+    return target
 
 
 def _agent_headers(response: web.StreamResponse) -> None:
@@ -65,11 +80,24 @@ async def metrics_middleware(request: web.Request, handler: Handler) -> web.Stre
 
 
 @web.middleware
-async def signature_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
-    """PROTOCOL.md section 1: every route but /ping and /key carries a verified signature."""
-    route = classify(request.method, request.path)
+async def target_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
+    """Parse the request target once; everything after sees the normalised path (docs/protocol.md)."""
+    try:
+        target = parse_target(request.raw_path)
+    except BadTarget as exc:
+        request[_LABEL] = "error"
+        return json_error(400, str(exc), Code.BAD_REQUEST, target=request.raw_path[:200])
+    request[TARGET] = target
+    route = classify(request.method, target.route_path)
     request["api_route"] = route
     request[_LABEL] = route.api.value
+    return await handler(request)
+
+
+@web.middleware
+async def signature_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
+    """Every route but /ping and /key carries a verified signature (docs/protocol.md, "Signature")."""
+    route: ApiRoute = request["api_route"]
     state = request.app[STATE]
     if not route.needs_signature:
         return await handler(request)
@@ -94,94 +122,125 @@ def _other_target(request: web.Request, state: AgentState) -> str:
     return target
 
 
-async def _to_peer(request: web.Request, state: AgentState, target: str) -> web.StreamResponse:
-    member = find_member(state.members(), target)
+def local_path(request: web.Request, state: AgentState) -> str:
+    """The path for this node's engine: the caller's API version, or the nearest one the engine supports."""
+    target = request_target(request)
+    version, adapted = engine_version(target, state.engine.api_range)
+    if adapted:
+        requested = target.version_tuple
+        direction = "down" if requested is not None and state.engine.api_range is not None and \
+            requested > state.engine.api_range.high else "up"
+        state.metrics.api_version_adapted.labels(direction).inc()
+    return target.forward_path(version)
+
+
+async def _to_peer(request: web.Request, state: AgentState, node: str) -> web.StreamResponse:
+    member = find_member(state.members(), node)
     if member is None:
         return json_error(500, "The agent was unable to contact any other agent", Code.PROXY_TARGET_UNKNOWN,
-                          details="Unable to find the targeted agent", target=target)
+                          details="Unable to find the targeted agent", target=node)
     upstream = state.peers.upstream(member.ip, member.agent_port)
-    return await relay(request, upstream, state.metrics, {HEADER_TARGET: member.node_name},
-                       Code.PROXY_PEER_UNREACHABLE)
-
-
-async def _local_docker(request: web.Request, state: AgentState) -> web.StreamResponse:
-    return await relay(request, state.engine, state.metrics, upgrades=("tcp",))
+    # A peer receives the caller's own version: it adapts the request to its own engine.
+    return await relay(request, upstream, request_target(request).as_sent, state.metrics,
+                       {HEADER_TARGET: member.node_name}, Code.PROXY_PEER_UNREACHABLE)
 
 
 async def docker_proxy(request: web.Request) -> web.StreamResponse:
     state = request.app[STATE]
-    route = decide(request.method, strip_version(request.path), request.headers, state.self_member,
+    target = request_target(request)
+    route = decide(request.method, target.route_path, request.headers, state.self_member,
                    state.members(), state.clustered)
     request[_LABEL] = route.metric_label
     if route.kind is Kind.LOCAL:
-        return await _local_docker(request, state)
+        return await relay(request, state.engine, local_path(request, state), state.metrics, upgrades=("tcp",))
     if route.kind is Kind.PEER:
         assert route.member is not None
         return await _to_peer(request, state, route.member.node_name)
     if route.kind is Kind.FANOUT:
-        return await fanout.handle(request, state)
+        return await fanout.handle(request, state, target, local_path(request, state), only=route.member)
     code = Code.PROXY_NO_MANAGER if route.label == "manager" else Code.PROXY_TARGET_UNKNOWN
     return json_error(route.status, route.message, code, details=route.details, path=request.path)
 
 
-async def dispatch(request: web.Request) -> web.StreamResponse:
-    """The single entry: agent endpoints first (PROTOCOL.md section 2.4), the Docker proxy for the rest."""
+async def _ping(request: web.Request) -> web.StreamResponse:
+    return web.Response(status=204)
+
+
+async def _metrics(request: web.Request) -> web.StreamResponse:
+    return web.Response(body=request.app[STATE].metrics.render(), headers={"Content-Type": CONTENT_TYPE})
+
+
+async def _unsupported(request: web.Request) -> web.StreamResponse:
+    return json_error(501, "This agent serves Docker: Kubernetes and Nomad APIs are not available",
+                      Code.NOT_IMPLEMENTED, path=request.path)
+
+
+async def _not_found(request: web.Request) -> web.StreamResponse:
+    return json_error(404, f"No such agent endpoint: {request.method} {request.path}", Code.NOT_FOUND)
+
+
+async def _method_not_allowed(request: web.Request) -> web.StreamResponse:
+    return json_error(405, f"Method {request.method} is not allowed on {request_target(request).route_path}",
+                      Code.METHOD_NOT_ALLOWED)
+
+
+async def _browse(request: web.Request) -> web.StreamResponse:
     route: ApiRoute = request["api_route"]
+    return await handle_browse(request, route.op, route.volume_id)
+
+
+async def _websocket(request: web.Request) -> web.StreamResponse:
+    route: ApiRoute = request["api_route"]
+    return await handle_websocket(request, route.op)
+
+
+NODE_LOCAL: dict[Api, Handler] = {
+    Api.HOST_INFO: host_info,
+    Api.BROWSE: _browse,
+    Api.WEBSOCKET: _websocket,
+    Api.DOCKERHUB: dockerhub_status,
+}
+"""Agent endpoints served by the node that X-PortainerAgent-Target names (forwarded there when it is not us)."""
+
+ANY_NODE: dict[Api, Handler] = {
+    Api.DOCKER: docker_proxy,
+    Api.PING: _ping,
+    Api.METRICS: _metrics,
+    Api.AGENTS: list_agents,
+    Api.KEY: handle_key,
+    Api.UNSUPPORTED: _unsupported,
+    Api.NOT_FOUND: _not_found,
+    Api.METHOD_NOT_ALLOWED: _method_not_allowed,
+}
+"""Endpoints answered by whichever agent the caller reached."""
+
+
+async def dispatch(request: web.Request) -> web.StreamResponse:
+    """The single entry: the route chosen by target_middleware picks the handler."""
+    api = request["api_route"].api
+    handler = ANY_NODE.get(api)
+    if handler is not None:
+        return await handler(request)
     state = request.app[STATE]
-    api = route.api
-    if api is Api.DOCKER:
-        return await docker_proxy(request)
-    if api is Api.PING:
-        return web.Response(status=204)
-    if api is Api.METRICS:
-        return web.Response(body=state.metrics.render(), headers={"Content-Type": CONTENT_TYPE})
-    if api is Api.AGENTS:
-        from agent.api.agents import list_agents
-
-        return await list_agents(request)
-    if api is Api.KEY:
-        from agent.api.key import handle_key
-
-        return await handle_key(request)
-    if api is Api.UNSUPPORTED:
-        return json_error(501, "This agent serves Docker: Kubernetes and Nomad APIs are not available",
-                          Code.BAD_REQUEST, path=request.path)
-    if api is Api.NOT_FOUND:
-        return json_error(404, f"No such agent endpoint: {request.method} {request.path}", Code.BAD_REQUEST)
-    target = _other_target(request, state)
-    if target:
-        return await _to_peer(request, state, target)
-    if api is Api.HOST_INFO:
-        from agent.api.host import host_info
-
-        return await host_info(request)
-    if api is Api.BROWSE:
-        from browse.handlers import handle_browse
-
-        return await handle_browse(request, route.op, route.volume_id)
-    if api is Api.WEBSOCKET:
-        from agent.api.websocket import handle_websocket
-
-        return await handle_websocket(request, route.op)
-    if api is Api.DOCKERHUB:
-        from agent.api.dockerhub import dockerhub_status
-
-        return await dockerhub_status(request)
-    return json_error(404, "Not found", Code.BAD_REQUEST)
+    node = _other_target(request, state)
+    if node:
+        return await _to_peer(request, state, node)
+    return await NODE_LOCAL[api](request)
 
 
 def build_app(state: AgentState, extra_middlewares: list[Any] | None = None) -> web.Application:
     """The application; Edge mode adds its own middleware (key gate, activity tracking) after metrics."""
     app = web.Application(
-        middlewares=[metrics_middleware, *(extra_middlewares or []), signature_middleware],
+        middlewares=[metrics_middleware, target_middleware, *(extra_middlewares or []), signature_middleware],
         client_max_size=0,  # bodies are streamed, never read whole by aiohttp
-        handler_args={"max_field_size": 65536, "max_line_size": 65536},
+        # auto_decompress off: a body sent with Content-Encoding goes upstream byte for byte, as sent
+        handler_args={"max_field_size": 65536, "max_line_size": 65536, "auto_decompress": False},
     )
     app[STATE] = state
     app[DOCKER] = state.docker
-    from browse.handlers import HOST_ROOT_KEY
-
     app[HOST_ROOT_KEY] = str(state.config.host_root)
+    app[DOCKERHUB_AUTH_URL] = state.config.dockerhub_auth_url
+    app[DOCKERHUB_REGISTRY_URL] = state.config.dockerhub_registry_url
     app.on_response_prepare.append(_on_prepare)
     app.router.add_route("*", "/{tail:.*}", dispatch)
     return app

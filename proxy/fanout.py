@@ -20,7 +20,8 @@ from agent.cluster.membership import Member
 from agent.errors import Code, json_error, log_failure
 from agent.state import AgentState
 from proxy.forward import outgoing_headers
-from proxy.routing import HEADER_TARGET, strip_version
+from proxy.routing import HEADER_TARGET
+from proxy.target import Target
 from proxy.upstream import Upstream
 
 HEADER_FAILED_NODES = "X-Keelson-Failed-Nodes"
@@ -90,7 +91,7 @@ def merge(answers: list[NodeAnswer], volumes: bool) -> tuple[Any, dict[str, str]
     return items, failed
 
 
-async def _ask(request: web.Request, upstream: Upstream, member: Member, body: bytes | None,
+async def _ask(request: web.Request, upstream: Upstream, path_qs: str, member: Member, body: bytes | None,
                timeout: float, volumes: bool) -> NodeAnswer:
     headers = outgoing_headers(request, {HEADER_TARGET: member.node_name})
     headers["Host"] = upstream.host_header
@@ -98,7 +99,7 @@ async def _ask(request: web.Request, upstream: Upstream, member: Member, body: b
     try:
         async with asyncio.timeout(timeout):
             async with upstream.session.request(
-                request.method, upstream.base_url + request.raw_path, headers=headers, data=body,
+                request.method, upstream.base_url + path_qs, headers=headers, data=body,
                 allow_redirects=False,
             ) as resp:
                 raw = await resp.read()
@@ -109,17 +110,26 @@ async def _ask(request: web.Request, upstream: Upstream, member: Member, body: b
         return NodeAnswer(member.node_name, error=f"unreachable: {exc.__class__.__name__}: {exc}")
 
 
-async def handle(request: web.Request, state: AgentState) -> web.StreamResponse:
-    volumes = strip_version(request.path) == "/volumes"
+async def handle(request: web.Request, state: AgentState, target: Target, local_path: str,
+                 only: Member | None = None) -> web.StreamResponse:
+    """Ask every member (or `only` that one) and merge. This node's engine gets `local_path` (the caller's
+    version adapted to it); peers get the caller's own version and adapt it for their engines."""
+    volumes = target.route_path == "/volumes"
     body = await request.read() if request.body_exists else None
     me = state.self_member
-    members = [m for m in state.members() if m.node_name != me.node_name]
-    members.insert(0, me)
+    if only is not None:
+        members = [only]
+    else:
+        members = [m for m in state.members() if m.node_name != me.node_name]
+        members.insert(0, me)
     jobs = []
     for member in members:
-        upstream: Upstream = state.engine if member.node_name == me.node_name else state.peers.upstream(
-            member.ip, member.agent_port)
-        jobs.append(_ask(request, upstream, member, body, state.config.fanout_timeout, volumes))
+        upstream: Upstream
+        if member.node_name == me.node_name:
+            upstream, path_qs = state.engine, local_path
+        else:
+            upstream, path_qs = state.peers.upstream(member.ip, member.agent_port), target.as_sent
+        jobs.append(_ask(request, upstream, path_qs, member, body, state.config.fanout_timeout, volumes))
     answers = await asyncio.gather(*jobs)
     merged, failed = merge(list(answers), volumes)
     for node, reason in failed.items():

@@ -78,7 +78,7 @@ async def forward_http(
     extra_headers: Mapping[str, str] | None = None,
     unreachable: Code = Code.PROXY_DOCKER_UNREACHABLE,
 ) -> web.StreamResponse:
-    """Relay one request and its streamed response; the caller's path (API version included) is kept."""
+    """Relay one request and its streamed response to `path_qs`."""
     headers = outgoing_headers(request, extra_headers)
     headers["Host"] = upstream.host_header
     body: Any = None
@@ -323,12 +323,14 @@ async def relay_hijack(
 async def relay(
     request: web.Request,
     upstream: Upstream,
+    path_qs: str,
     metrics: Metrics,
     extra_headers: Mapping[str, str] | None = None,
     unreachable: Code = Code.PROXY_DOCKER_UNREACHABLE,
     upgrades: tuple[str, ...] = ("tcp", "websocket"),
 ) -> web.StreamResponse:
-    """Forward the caller's request as it is (path and query untouched): hijacked when it asks to upgrade."""
+    """Forward the caller's request to `path_qs` (the normalised target that routing saw): hijacked when it
+    asks to upgrade, streamed otherwise."""
     if upgrade_token(request) in upgrades:
-        return await relay_hijack(request, upstream, request.raw_path, metrics, extra_headers, unreachable)
-    return await forward_http(request, upstream, request.raw_path, metrics, extra_headers, unreachable)
+        return await relay_hijack(request, upstream, path_qs, metrics, extra_headers, unreachable)
+    return await forward_http(request, upstream, path_qs, metrics, extra_headers, unreachable)

@@ -1,11 +1,11 @@
 """Where a request goes: pure functions of (method, path, headers, this node, members). No I/O here.
 
-The rule table is PROTOCOL.md sections 2 and 3, written as data so that each rule is tested on its own.
+`path` is always the normalised, version-less path of proxy.target. The rule table is the Go agent's
+dispatch (docs/protocol.md, "Routing"), written as data so that each rule is tested on its own.
 """
 
 from __future__ import annotations
 
-import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from enum import Enum
@@ -15,16 +15,7 @@ from agent.cluster.membership import Member, find_member
 HEADER_TARGET = "X-PortainerAgent-Target"
 HEADER_MANAGER_OP = "X-PortainerAgent-ManagerOperation"
 
-_VERSION_SEGMENT = re.compile(r"/v[0-9]+\.[0-9]*")
-
-
-def strip_version(path: str) -> str:
-    """Drop Docker API version segments (`/v1.41`), for routing only: forwarding keeps the caller's path."""
-    stripped = _VERSION_SEGMENT.sub("", path)
-    return stripped or "/"
-
-
-# --- Agent API dispatch (PROTOCOL.md section 2.4) -------------------------------------------------------
+# --- Agent API dispatch ----------------------------------------------------------------------------------
 
 
 class Api(Enum):
@@ -38,6 +29,7 @@ class Api(Enum):
     METRICS = "metrics"
     UNSUPPORTED = "unsupported"  # /kubernetes and /nomad: not a Docker agent's business
     NOT_FOUND = "not_found"
+    METHOD_NOT_ALLOWED = "method_not_allowed"
     DOCKER = "docker"
 
 
@@ -71,7 +63,7 @@ def _sub_api(head: str, rest: str, method: str, v1: bool = False) -> ApiRoute | 
     if head == "ping":
         return ApiRoute(Api.PING) if method in ("GET", "HEAD") else ApiRoute(Api.NOT_FOUND)
     if head == "agents":
-        return ApiRoute(Api.AGENTS)
+        return ApiRoute(Api.AGENTS) if method == "GET" else ApiRoute(Api.METHOD_NOT_ALLOWED)
     if head == "host":
         return ApiRoute(Api.HOST_INFO) if op == "info" else ApiRoute(Api.NOT_FOUND)
     if head == "dockerhub":
@@ -110,7 +102,7 @@ def classify(method: str, path: str) -> ApiRoute:
     return _sub_api(head, rest, method) or ApiRoute(Api.DOCKER)
 
 
-# --- Docker proxy dispatch (PROTOCOL.md section 3) ------------------------------------------------------
+# --- Docker proxy dispatch --------------------------------------------------------------------------------
 
 
 class Kind(Enum):
@@ -146,6 +138,7 @@ MANAGER_PREFIXES = ("/services", "/tasks", "/secrets", "/configs", "/swarm", "/i
 """Swarm state lives on managers."""
 
 MSG_NO_MANAGER = "The agent was unable to contact any other agent located on a manager node"
+DETAILS_NO_MANAGER = "Unable to find an agent on any manager node"
 MSG_NO_AGENT = "The agent was unable to contact any other agent"
 DETAILS_NO_TARGET = "Unable to find the targeted agent"
 
@@ -171,7 +164,8 @@ def _manager_route(self_member: Member, members: Sequence[Member]) -> DockerRout
         return DockerRoute(Kind.LOCAL, label="manager")
     managers = [m for m in members if m.is_manager and m.node_name != self_member.node_name]
     if not managers:
-        return DockerRoute(Kind.ERROR, status=500, message=MSG_NO_MANAGER, label="manager")
+        return DockerRoute(Kind.ERROR, status=500, message=MSG_NO_MANAGER, details=DETAILS_NO_MANAGER,
+                           label="manager")
     leader = next((m for m in managers if m.is_leader), managers[0])
     return DockerRoute(Kind.PEER, member=leader, label="manager")
 
@@ -184,7 +178,9 @@ def decide(
     members: Sequence[Member],
     clustered: bool,
 ) -> DockerRoute:
-    """Route one Docker API request. `path` is the version-stripped path without the query string."""
+    """Route one Docker API request. `path` is the normalised path without version and query string.
+
+    A FANOUT route with a member asks only that member, and still decorates its items with the node name."""
     if not clustered:
         return DockerRoute(Kind.LOCAL)
     target = _header(headers, HEADER_TARGET)
@@ -194,10 +190,11 @@ def decide(
         if target == self_member.node_name:
             return DockerRoute(Kind.LOCAL)
         if target:
-            # Go fans out here too; naming a node means that node's answer, so we ask only it.
+            # Go fans out here too; naming a node means that node's answer, so we ask only it (its items
+            # still carry the node name, as Go's merged answer does).
             member = find_member(list(members), target)
             if member is not None:
-                return DockerRoute(Kind.PEER, member=member)
+                return DockerRoute(Kind.FANOUT, member=member)
         return DockerRoute(Kind.FANOUT)
     if is_manager_op(path):
         return _manager_route(self_member, members)

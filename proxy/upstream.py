@@ -7,6 +7,9 @@ requests) and a way to open a raw connection (for hijacked attach/exec streams).
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import json
+import logging
 import ssl
 
 import aiohttp
@@ -14,6 +17,9 @@ import aiohttp
 from agent.config import DockerEndpoint
 from agent.tls import docker_client_context, peer_client_context
 from agent.tlsproto import open_tls_connection
+from proxy.target import ApiRange
+
+log = logging.getLogger("keelson")
 
 _TIMEOUT = aiohttp.ClientTimeout(total=None, connect=None, sock_connect=10, sock_read=None)
 
@@ -54,6 +60,43 @@ class EngineUpstream(Upstream):
             connector=connector, timeout=_TIMEOUT, auto_decompress=False, skip_auto_headers=("User-Agent",)
         )
         super().__init__(endpoint.http_base, session, host)
+        self.api_range: ApiRange | None = None
+        """The API versions this engine accepts; None until read (requests then go at the caller's version)."""
+        self._watch: asyncio.Task[None] | None = None
+
+    async def read_api_range(self, announce: bool = False) -> ApiRange | None:
+        """`GET /version` (unversioned: every engine answers it) -> MinAPIVersion..ApiVersion."""
+        async with self.session.get(self.base_url + "/version", timeout=aiohttp.ClientTimeout(total=10)) as resp:
+            body = await resp.json(content_type=None) if resp.status == 200 else None
+        found = ApiRange.from_version_body(body) if isinstance(body, dict) else None
+        if found is not None and (announce or found != self.api_range):
+            log.info("engine API versions %d.%d..%d.%d", *found.low, *found.high)
+            self.api_range = found
+        return found
+
+    def start_watch(self) -> None:
+        """Keep `api_range` true across engine restarts and upgrades (see _watch_api_range)."""
+        if self._watch is None:
+            self._watch = asyncio.get_running_loop().create_task(self._watch_api_range())
+
+    async def _watch_api_range(self) -> None:
+        """Read the range, then hold a daemon-events stream open: it ends when the engine stops (restart or
+        upgrade), and a `reload` event may change the engine too; either way the range is read again."""
+        delay = 0.5
+        events = {"filters": json.dumps({"type": ["daemon"]})}
+        reconnect = False
+        while True:
+            try:
+                await self.read_api_range(announce=reconnect)
+                reconnect = True
+                async with self.session.get(self.base_url + "/events", params=events) as resp:
+                    delay = 0.5
+                    async for _line in resp.content:
+                        await self.read_api_range()
+            except (aiohttp.ClientError, OSError, TimeoutError, ValueError) as exc:
+                log.debug("engine version watch: %s", exc)
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, 10.0)
 
     async def open_raw(self) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
         if self.endpoint.is_unix:
@@ -64,6 +107,10 @@ class EngineUpstream(Upstream):
         return await asyncio.open_connection(host, int(port), limit=2**16)
 
     async def close(self) -> None:
+        if self._watch is not None:
+            self._watch.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._watch
         await self.session.close()
 
 

@@ -35,11 +35,13 @@ class AgentProcess:
     """One agent on 127.0.0.1:<free port> against a given engine, with a signer paired to it."""
 
     def __init__(self, docker_host: str, workdir: Path, env: Mapping[str, str] | None = None,
-                 signer: Signer | None = None, scheme: str = "https") -> None:
+                 signer: Signer | None = None, scheme: str = "https", args: list[str] | None = None) -> None:
         self.port = free_port()
         self.workdir = workdir
         self.signer = signer or Signer()
         self.scheme = scheme
+        self.args = list(args or [])
+        """Command-line flags of the agent (the Go agent's, see agent/config.py FLAGS)."""
         self.env = {
             **{k: v for k, v in os.environ.items() if not k.startswith(("AGENT_", "EDGE", "MTLS_", "KEELSON_"))},
             "DOCKER_HOST": docker_host,
@@ -64,7 +66,7 @@ class AgentProcess:
         self.workdir.mkdir(parents=True, exist_ok=True)
         (self.workdir / "data").mkdir(exist_ok=True)
         log = open(self.log_path, "ab")
-        self.proc = subprocess.Popen([sys.executable, "-m", "agent"], cwd=REPO, env=self.env, stdout=log,
+        self.proc = subprocess.Popen([sys.executable, "-m", "agent", *self.args], cwd=REPO, env=self.env, stdout=log,
                                      stderr=subprocess.STDOUT)
         log.close()
         if wait:

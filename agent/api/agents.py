@@ -11,9 +11,9 @@ from agent.errors import Code, json_error
 async def list_agents(request: web.Request) -> web.Response:
     state = request.app[STATE]
     if not state.clustered:
-        # As the Go agent: there is no cluster to list on a standalone engine.
-        return json_error(503, "The agent is not part of a Swarm cluster: no agent list on a standalone engine",
-                          Code.BAD_REQUEST, details="Cluster is disabled")
+        # The Go agent's answer, word for word (http/handler/agent/agent_list.go).
+        return json_error(503, "Agent management is not available when running the agent on a standalone engine",
+                          Code.UNAVAILABLE, details="Agent management is disabled")
     members = state.members()
     if not any(m.node_name == state.info.node_name for m in members):
         members = [state.self_member, *members]

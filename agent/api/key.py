@@ -12,6 +12,6 @@ EDGE_KEY_HANDLER: web.AppKey[object] = web.AppKey("edge_key_handler")
 async def handle_key(request: web.Request) -> web.StreamResponse:
     handler = request.app.get(EDGE_KEY_HANDLER)
     if handler is None:
-        return json_error(503, "Edge key management is disabled on non Edge agent", Code.BAD_REQUEST,
+        return json_error(503, "Edge key management is disabled on non Edge agent", Code.UNAVAILABLE,
                           details="Edge key management is disabled")
     return await handler(request)  # type: ignore[operator]

@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import codecs
 import contextlib
+import json
 import re
 
 from aiohttp import WSMsgType, web
@@ -53,6 +54,14 @@ async def _ws_to_docker(hs: UpstreamHandshake, ws: web.WebSocketResponse) -> Non
         await hs.writer.drain()
 
 
+async def _keepalive(ws: web.WebSocketResponse, period: float) -> None:
+    """A ping every `period` (Go: 50 s) so that proxies and load balancers keep an idle console open; like
+    Go, a missing pong does not end the session."""
+    while True:
+        await asyncio.sleep(period)
+        await ws.ping()
+
+
 async def handle_websocket(request: web.Request, kind: str) -> web.StreamResponse:
     state = request.app[STATE]
     ident = request.query.get("id", "")
@@ -67,9 +76,7 @@ async def handle_websocket(request: web.Request, kind: str) -> web.StreamRespons
     if not hs.upgraded:
         hs.close()
         message = hs.body.decode(errors="replace").strip() or f"Docker answered {hs.status}"
-        with contextlib.suppress(ValueError):
-            import json
-
+        with contextlib.suppress(ValueError, AttributeError):
             message = json.loads(message).get("message", message)
         return json_error(hs.status if hs.status >= 400 else 500, message, Code.WEBSOCKET_FAILED, id=ident)
     ws = web.WebSocketResponse(max_msg_size=0, autoping=True)
@@ -77,17 +84,18 @@ async def handle_websocket(request: web.Request, kind: str) -> web.StreamRespons
     state.metrics.hijacked.inc()
     down = asyncio.create_task(_docker_to_ws(hs, ws))
     up = asyncio.create_task(_ws_to_docker(hs, ws))
+    pinger = asyncio.create_task(_keepalive(ws, state.config.websocket_ping))
     try:
-        done, _ = await asyncio.wait({down, up}, return_when=asyncio.FIRST_COMPLETED)
+        done, _ = await asyncio.wait({down, up, pinger}, return_when=asyncio.FIRST_COMPLETED)
         for task in done:
             error = task.exception()
             if error is not None and not isinstance(error, ConnectionError):
                 log_failure(Code.WEBSOCKET_FAILED, f"console session ended with an error: {error}", id=ident)
     finally:
         state.metrics.hijacked.dec()
-        for task in (down, up):
+        for task in (down, up, pinger):
             task.cancel()
-        await asyncio.gather(down, up, return_exceptions=True)
+        await asyncio.gather(down, up, pinger, return_exceptions=True)
         hs.close()
         await ws.close()
     return ws

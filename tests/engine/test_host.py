@@ -16,6 +16,7 @@ from aiohttp.test_utils import TestClient, TestServer
 from agent.api.dockerhub import DOCKERHUB_AUTH_URL, DOCKERHUB_REGISTRY_URL, dockerhub_status
 from agent.api.host import host_info
 from browse.handlers import HOST_ROOT_KEY
+from tests.hub_standin import HubStandIn
 
 Client = TestClient[Any, Any]
 
@@ -121,33 +122,6 @@ async def test_host_info_real_root(aiohttp_client: Callable[..., Any]) -> None:
 
 
 # --- Docker Hub rate limits ---------------------------------------------------------------------------------
-
-class HubStandIn:
-    """auth.docker.io + registry-1.docker.io on loopback, recording what the agent sent."""
-
-    def __init__(self) -> None:
-        self.token_status = 200
-        self.limits_status = 200
-        self.limit_headers: dict[str, str] = {"RateLimit-Limit": "100;w=21600",
-                                              "RateLimit-Remaining": "76;w=21600"}
-        self.seen_auth: list[str | None] = []
-        self.seen_bearer: list[str | None] = []
-        self.app = web.Application()
-        self.app.router.add_get("/token", self.token)
-        self.app.router.add_route("HEAD", "/v2/ratelimitpreview/test/manifests/latest", self.manifest)
-
-    async def token(self, request: web.Request) -> web.Response:
-        assert request.query["service"] == "registry.docker.io"
-        assert request.query["scope"] == "repository:ratelimitpreview/test:pull"
-        self.seen_auth.append(request.headers.get("Authorization"))
-        if self.token_status != 200:
-            return web.json_response({"details": "nope"}, status=self.token_status)
-        return web.json_response({"token": "tok-123"})
-
-    async def manifest(self, request: web.Request) -> web.Response:
-        self.seen_bearer.append(request.headers.get("Authorization"))
-        return web.Response(status=self.limits_status, headers=self.limit_headers)
-
 
 @pytest.fixture
 async def hub(aiohttp_server: Callable[..., Any], aiohttp_client: Callable[..., Any],

@@ -68,3 +68,47 @@ def test_go_booleans() -> None:
     assert load_config({"EDGE": "1"}).edge and load_config({"EDGE": "true"}).edge
     assert not load_config({"EDGE": "0"}).edge and not load_config({"EDGE": "FALSE"}).edge
     assert not load_config({"EDGE_TUNNEL": "false"}).edge_tunnel
+
+
+def test_log_modes_of_the_go_agent() -> None:
+    for mode in ("PRETTY", "NOCOLOR", "JSON", "nocolor"):
+        assert load_config({"LOG_MODE": mode}).log_mode == mode.upper()
+
+
+def test_command_line_flags_mirror_the_variables_and_win() -> None:
+    c = load_config({"AGENT_PORT": "9001", "LOG_LEVEL": "INFO"},
+                    ["--port=9100", "--log-level", "DEBUG", "--edge", "--no-edge-tunnel", "--edge-id=abc",
+                     "--secret-timeout=1h", "--agent-cluster-timeout", "2s", "--data=/tmp/d"])
+    assert (c.agent_port, c.log_level, c.edge, c.edge_tunnel, c.edge_id) == (9100, "DEBUG", True, False, "abc")
+    assert (c.secret_timeout, c.cluster_probe_timeout, c.data_path) == (3600.0, 2.0, Path("/tmp/d"))
+    # the deprecated mTLS spellings of Go still work, and a flag's bad value names the variable
+    with pytest.raises(ConfigError, match=r"^MTLS_SSL_CERT"):
+        load_config({}, ["--sslcert=/a"])
+    with pytest.raises(ConfigError, match=r"^AGENT_PORT"):
+        load_config({}, ["--port=x"])
+
+
+@pytest.mark.parametrize("argv", [["--nope=1"], ["positional"], ["--port"], ["--edge=true"]])
+def test_bad_command_lines(argv: list[str]) -> None:
+    with pytest.raises(ConfigError, match=r"^command line"):
+        load_config({}, argv)
+
+
+def test_edge_meta_fields_as_go_parses_them() -> None:
+    c = load_config({"EDGE_GROUPS": "1:4:7", "PORTAINER_GROUP": "3", "PORTAINER_TAGS": "2"})
+    assert (c.edge_groups, c.portainer_group, c.portainer_tags) == ((1, 4, 7), 3, (2,))
+    with pytest.raises(ConfigError, match=r"^EDGE_GROUPS"):
+        load_config({"EDGE_GROUPS": "1,2"})
+    with pytest.raises(ConfigError, match=r"^EDGE_ASYNC"):
+        load_config({"EDGE_ASYNC": "1"})
+
+
+def test_certificates_may_appear_later_with_a_retry_interval() -> None:
+    c = load_config({"MTLS_SSL_CERT": "/nope/c", "MTLS_SSL_KEY": "/nope/k", "MTLS_CERT_RETRY_INTERVAL": "5s"})
+    assert (c.mtls_cert, c.mtls_cert_retry_interval) == ("/nope/c", 5.0)
+    with pytest.raises(ConfigError, match=r"^MTLS_SSL_CERT"):
+        load_config({"MTLS_SSL_CERT": "/nope/c", "MTLS_SSL_KEY": "/nope/k"})
+
+
+def test_go_options_without_meaning_here_are_reported() -> None:
+    assert load_config({"AWS_REGION": "eu-west-1", "ASSETS_PATH": "/app"}).ignored == ("ASSETS_PATH", "AWS_REGION")
