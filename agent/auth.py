@@ -1,4 +1,4 @@
-"""Portainer's request signature (PROTOCOL.md section 1): verify once per key, pin, or check the secret.
+"""Portainer's request signature (docs/protocol.md, "Signature"): verify once per key, pin, or check the secret.
 
 Portainer signs a constant message, so a (key, signature) pair that verified once stays valid: the result of
 each distinct pair is cached, and a request costs one dictionary look-up instead of an ECDSA verification.

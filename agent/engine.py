@@ -16,7 +16,7 @@ from agent.tls import docker_client_context
 
 @dataclass(frozen=True)
 class EngineInfo:
-    """The parts of `docker info` that decide routing (PROTOCOL.md section 6)."""
+    """The parts of `docker info` that decide routing (docs/cluster.md)."""
 
     node_name: str
     node_id: str = ""

@@ -3,7 +3,7 @@
     python -m bench [--quick] [--only overhead,streaming,startup,profile,sim,fanout] [--results DIR]
                     [--compare-tree DIR]
 
-Scenarios (issue 5): overhead (per-request, direct vs agent vs HAProxy), streaming (docker save / logs),
+Scenarios: overhead (per-request, direct vs agent vs HAProxy), streaming (docker save / logs),
 fanout (real namespace Swarm), sim (50-200 simulated agents in one process), startup (start-up time, idle
 RSS), profile (py-spy on the agent under load). Every figure that matters is a ratio of two things measured
 in this same run. Results: DIR/latest.json, DIR/summary.md and PNG plots in DIR (default bench/results, or

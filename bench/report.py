@@ -1,4 +1,4 @@
-"""The targets of issue 5 checked against one run's ratios, and a markdown summary of that run."""
+"""The benchmark targets checked against one run's ratios, and a markdown summary of that run."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Portainer's side of the agent signature (PROTOCOL.md section 1), for tests, benchmarks and the CLI.
+"""Portainer's side of the agent signature (docs/protocol.md, "Signature"), for tests, benchmarks and the CLI.
 
 `python -m tools.signer DIR` writes DIR/config.json with the two headers under HttpHeaders (and a throwaway
 DIR/ca.pem), so that `DOCKER_CERT_PATH=DIR docker --config DIR --tls -H tcp://127.0.0.1:9001 ps` talks to
@@ -49,7 +49,8 @@ class Signer:
 
     def write_docker_config(self, directory: Path, message: str = DEFAULT_MESSAGE,
                             extra: dict[str, str] | None = None) -> Path:
-        """A Docker CLI config dir whose HttpHeaders carry a valid signature (valid forever, see section 1)."""
+        """A Docker CLI config dir whose HttpHeaders carry a valid signature (valid for ever, see
+        docs/protocol.md, "Signature")."""
         directory.mkdir(parents=True, exist_ok=True)
         path = directory / "config.json"
         path.write_text(json.dumps({"HttpHeaders": {**self.headers(message), **(extra or {})}}))

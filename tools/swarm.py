@@ -1,4 +1,4 @@
-"""A real multi-node Docker Swarm on this machine, one network namespace per node (notes/local-swarm.md).
+"""A real multi-node Docker Swarm on this machine, one network namespace per node (docs/cluster.md).
 
 Used by the cluster tests, the benchmarks and `./dev.sh swarm up|down`:
 
@@ -125,7 +125,7 @@ class SwarmNode:
         return self.engine.cli(*args, check=check, input=input, timeout=timeout)
 
     def nsexec(self, *cmd: str, check: bool = False, timeout: float = 30) -> subprocess.CompletedProcess[str]:
-        """Run a command on this node's network (not `ip netns exec`: see notes/local-swarm.md)."""
+        """Run a command on this node's network (not `ip netns exec`: see docs/cluster.md)."""
         return run(["nsenter", f"--net={self.netns_path}", *cmd], check=check, timeout=timeout)
 
     def to_state(self) -> dict[str, Any]:

@@ -23,7 +23,7 @@ _ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,254}$")
 
 
 def docker_request(kind: str, ident: str) -> tuple[str, bytes]:
-    """The hijack request the Go agent sends for each console kind (PROTOCOL.md section 5)."""
+    """The hijack request the Go agent sends for each console kind (docs/protocol.md, "Agent endpoints")."""
     if kind == "attach":
         return f"/containers/{ident}/attach?stdin=1&stdout=1&stderr=1&stream=1", b""
     return f"/exec/{ident}/start", b'{"Tty":true,"Detach":false}'

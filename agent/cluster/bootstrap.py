@@ -1,4 +1,4 @@
-"""Start cluster membership for a Swarm node, as the Go agent does (PROTOCOL.md section 6).
+"""Start cluster membership for a Swarm node, as the Go agent does (docs/cluster.md).
 
 Join AGENT_CLUSTER_ADDR, else `tasks.<service name>` from the agent container's Swarm labels (after a
 3-second wait for Docker's DNS); every address a name resolves to is joined. A failed join or lookup leaves

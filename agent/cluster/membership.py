@@ -13,7 +13,7 @@ ROLE_WORKER = "worker"
 
 @dataclass(frozen=True)
 class Member:
-    """One agent of the cluster as the others see it (Serf tags, see PROTOCOL.md section 6)."""
+    """One agent of the cluster as the others see it (Serf tags, see docs/cluster.md)."""
 
     node_name: str
     ip: str

@@ -1,4 +1,4 @@
-"""Cluster membership on a supervised `serf agent` child process (PROTOCOL.md section 6).
+"""Cluster membership on a supervised `serf agent` child process (docs/cluster.md).
 
 The Go agent embeds serf; we run the real binary and talk RPC to it (serf_rpc.py). This module owns the
 child's life: start, log, watch, restart and re-join, stop by PID. The member list is kept in memory from

@@ -1,4 +1,4 @@
-"""A small asyncio client for the RPC port of a `serf agent` (see notes/serf-rpc.md).
+"""A small asyncio client for the RPC port of a `serf agent` (see docs/cluster.md).
 
 No PyPI client fits (sync sockets, Python 2, or a close() that sends `leave`), so this speaks the msgpack
 protocol itself: request header + optional body out, response header + optional body back, matched by Seq.

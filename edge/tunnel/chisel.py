@@ -1,6 +1,6 @@
 """Chisel (protocol ``chisel-v3``) reverse-tunnel client, the transport Portainer's Edge tunnel server speaks.
 
-Wire protocol, as read in jpillora/chisel and checked against a real chisel 1.10 server (notes/chisel.md):
+Wire protocol, as read in jpillora/chisel and checked against a real chisel 1.10 server (docs/edge.md):
 
 1. HTTP(S) WebSocket upgrade asking for subprotocol ``chisel-v3`` (client/client_connect.go). The server
    answers 101 without echoing the subprotocol, so we do not require it back. Binary messages carry an

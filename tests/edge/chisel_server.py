@@ -1,7 +1,7 @@
 """A chisel-protocol (``chisel-v3``) server for tests, standing in for Portainer's in-process chisel server.
 
 Written from jpillora/chisel server/server.go, server/server_handler.go, share/tunnel/* and
-notes/chisel.md (behaviour of a real chisel 1.10 server):
+docs/edge.md (behaviour of a real chisel 1.10 server):
 
 * aiohttp WebSocket endpoint on 127.0.0.1, any path; only ``Sec-WebSocket-Protocol: chisel-v3`` upgrades,
   and the 101 answer does NOT echo the subprotocol; anything else gets 404 "Not found".
