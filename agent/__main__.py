@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
+import resource
 import signal
 import sys
 from pathlib import Path
@@ -30,6 +32,15 @@ async def wait_for_certificate(config: Config, stop: asyncio.Event) -> bool:
     return True
 
 
+def raise_fd_limit() -> None:
+    """Soft descriptor limit up to the hard one, as Go's runtime does at start: every client, peer and engine
+    stream holds a descriptor, and the soft default (often 1024) is an easy target."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard == resource.RLIM_INFINITY or soft < hard:
+        with contextlib.suppress(ValueError, OSError):
+            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+
+
 def main(argv: list[str] | None = None) -> int:
     try:
         config = load_config(argv=sys.argv[1:] if argv is None else argv)
@@ -37,6 +48,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"CONFIG_INVALID {exc}", file=sys.stderr)
         return 2
     setup_logging(config.log_level, config.log_mode)
+    raise_fd_limit()
     for name in config.ignored:
         log.warning("CONFIG_IGNORED %s is set but has no effect in Keelson (see the README)", name)
 

@@ -123,6 +123,8 @@ class Config:
     advertise_addr: str = ""
     fanout_timeout: float = 5.0
     websocket_ping: float = 50.0
+    header_timeout: float = 30.0
+    max_unproven: int = 1024
     dockerhub_auth_url: str = "https://auth.docker.io"
     dockerhub_registry_url: str = "https://registry-1.docker.io"
     host_root: Path = Path("/host")
@@ -177,6 +179,27 @@ def _ip(env: Mapping[str, str], name: str, default: str) -> str:
         return str(ipaddress.ip_address(raw))
     except ValueError:
         raise ConfigError(f"{name}: {raw!r} is not an IP address") from None
+
+
+_LABEL = re.compile(r"^[A-Za-z0-9_]([A-Za-z0-9_-]{0,61}[A-Za-z0-9_])?$")
+
+
+def _cluster_addr(env: Mapping[str, str]) -> str:
+    """AGENT_CLUSTER_ADDR: comma-separated IPs or DNS names, each with an optional :port (`tasks.agent`)."""
+    raw = env.get("AGENT_CLUSTER_ADDR", "")
+    for item in (part.strip() for part in raw.split(",") if raw):
+        host, sep, port = item.rpartition(":") if item.count(":") == 1 else ("", "", "")
+        host = host if sep else item
+        if sep and not (port.isdigit() and 0 < int(port) < 65536):
+            raise ConfigError(f"AGENT_CLUSTER_ADDR: {item!r} has no valid port")
+        try:
+            ipaddress.ip_address(host.strip("[]"))
+            continue
+        except ValueError:
+            pass
+        if not host or len(host) > 253 or not all(_LABEL.match(label) for label in host.rstrip(".").split(".")):
+            raise ConfigError(f"AGENT_CLUSTER_ADDR: {item!r} is not an IP address or a host name")
+    return raw
 
 
 def _url(env: Mapping[str, str], name: str, default: str) -> str:
@@ -308,7 +331,7 @@ def load_config(env: Mapping[str, str] | None = None, argv: list[str] | None = N
     return Config(
         agent_host=_ip(env, "AGENT_HOST", "0.0.0.0"),
         agent_port=_port(env, "AGENT_PORT", 9001),
-        cluster_addr=env.get("AGENT_CLUSTER_ADDR", ""),
+        cluster_addr=_cluster_addr(env),
         cluster_probe_timeout=_duration(env, "AGENT_CLUSTER_PROBE_TIMEOUT", "500ms"),
         cluster_probe_interval=_duration(env, "AGENT_CLUSTER_PROBE_INTERVAL", "1s"),
         secret=env.get("AGENT_SECRET", ""),
@@ -338,6 +361,8 @@ def load_config(env: Mapping[str, str] | None = None, argv: list[str] | None = N
         advertise_addr=advertise,
         fanout_timeout=_duration(env, "KEELSON_FANOUT_TIMEOUT", "5s"),
         websocket_ping=_duration(env, "KEELSON_WEBSOCKET_PING", "50s"),
+        header_timeout=_duration(env, "KEELSON_HEADER_TIMEOUT", "30s"),
+        max_unproven=_int(env, "KEELSON_MAX_UNPROVEN", 1024, lo=1, hi=1_000_000),
         dockerhub_auth_url=_url(env, "KEELSON_DOCKERHUB_AUTH_URL", "https://auth.docker.io"),
         dockerhub_registry_url=_url(env, "KEELSON_DOCKERHUB_REGISTRY_URL", "https://registry-1.docker.io"),
         host_root=Path(_get(env, "KEELSON_HOST_ROOT", "/host")),

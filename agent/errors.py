@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import logging
+import time
 from enum import StrEnum
 
 from aiohttp import web
@@ -47,12 +50,68 @@ class Code(StrEnum):
     EDGE_POLL_FAILED = "EDGE_POLL_FAILED"
     EDGE_TUNNEL_FAILED = "EDGE_TUNNEL_FAILED"
     EDGE_JOB_FAILED = "EDGE_JOB_FAILED"
+    LIMIT_HEAD_TIMEOUT = "LIMIT_HEAD_TIMEOUT"
+    LIMIT_HEAD_TOO_LARGE = "LIMIT_HEAD_TOO_LARGE"
+    LIMIT_HEAD_BUDGET = "LIMIT_HEAD_BUDGET"
+    LIMIT_UNPROVEN_CAP = "LIMIT_UNPROVEN_CAP"
+    LIMIT_BODY_TOO_LARGE = "LIMIT_BODY_TOO_LARGE"
+    START_FAILED = "START_FAILED"
+    TASK_FAILED = "TASK_FAILED"
+
+
+SUMMARY_INTERVAL = 10.0
+"""A refusal code logs its first line in full, then one summary line per this many seconds."""
+
+
+class _Summary:
+    """Repeated failures of one code within SUMMARY_INTERVAL become one line with a count: a client that
+    sends 20,000 bad requests costs two log lines, not 20,000."""
+
+    def __init__(self) -> None:
+        self.window_start: dict[str, float] = {}
+        self.repeats: dict[str, int] = {}
+        self.last: dict[str, str] = {}
+
+    def note(self, code: str, line: str) -> bool:
+        """True when the line should be logged now (first of its window)."""
+        now = time.monotonic()
+        start = self.window_start.get(code)
+        if start is None or now - start >= SUMMARY_INTERVAL:
+            self.flush(code)
+            self.window_start[code] = now
+            return True
+        self.repeats[code] = self.repeats.get(code, 0) + 1
+        self.last[code] = line
+        if self.repeats[code] == 1:
+            with contextlib.suppress(RuntimeError):  # no running loop: flushed by the next failure instead
+                asyncio.get_running_loop().call_later(SUMMARY_INTERVAL - (now - start), self.flush, code)
+        return False
+
+    def flush(self, code: str) -> None:
+        count = self.repeats.pop(code, 0)
+        if count:
+            log.warning("%s repeated %d more times in %gs (last: %s)", code, count, SUMMARY_INTERVAL,
+                        self.last.pop(code, ""))
+            self.window_start[code] = time.monotonic()
+
+
+_summary = _Summary()
+REFUSALS = frozenset({
+    Code.AUTH_MISSING_SIGNATURE, Code.AUTH_INVALID_SIGNATURE, Code.AUTH_KEY_MISMATCH, Code.BAD_REQUEST,
+    Code.NOT_FOUND, Code.METHOD_NOT_ALLOWED, Code.NOT_IMPLEMENTED, Code.LIMIT_HEAD_TIMEOUT,
+    Code.LIMIT_HEAD_TOO_LARGE, Code.LIMIT_HEAD_BUDGET, Code.LIMIT_UNPROVEN_CAP, Code.LIMIT_BODY_TOO_LARGE,
+    Code.BROWSE_BAD_REQUEST, Code.BROWSE_FORBIDDEN_PATH, Code.BROWSE_NOT_FOUND,
+})
+"""Answers to what a client sent (anyone can send a lot of them): summarised, not one line each."""
 
 
 def log_failure(code: Code, message: str, **fields: object) -> None:
-    """One line per failure: the code first, then the message and key=value context."""
+    """One line per failure (the code first, then the message and key=value context); refusals of a
+    client's request are summarised when the same code repeats within SUMMARY_INTERVAL."""
     extra = " ".join(f"{k}={v!r}" for k, v in fields.items())
-    log.warning("%s %s%s", code.value, message, f" {extra}" if extra else "")
+    line = f"{message}{f' {extra}' if extra else ''}"
+    if code not in REFUSALS or _summary.note(code.value, line):
+        log.warning("%s %s", code.value, line)
 
 
 def json_error(

@@ -50,6 +50,10 @@ class Metrics:
             "caller's, because the engine does not support it (down: the caller's is newer; up: older)",
             ["direction"], registry=self.registry,
         )
+        self.connections_closed = Counter(
+            "keelson_connections_closed", "Client connections closed by a limit before their request, by cause "
+            "(head_timeout, head_too_large, head_budget, unproven_cap)", ["cause"], registry=self.registry,
+        )
         self.cluster_members = Gauge(
             "keelson_cluster_members", "Alive members seen by this agent", registry=self.registry,
         )

@@ -5,6 +5,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import time
+from functools import partial
 from typing import Any
 
 import aiodocker
@@ -17,16 +19,19 @@ from agent.cluster.bootstrap import start_membership
 from agent.cluster.membership import StaticMembership
 from agent.cluster.serf import SerfError
 from agent.config import Config
+from agent.connguard import ConnectionGuard
 from agent.engine import docker_client, find_advertise_addr, own_container, read_engine_info
 from agent.errors import Code, log_failure
 from agent.metrics import Metrics
 from agent.server import build_app
 from agent.state import AgentState
+from agent.tasks import spawn
 from agent.tls import peer_client_context, server_context
 from agent.tlsproto import server_protocol_factory
 from proxy.upstream import EngineUpstream, PeerPool
 
 log = logging.getLogger("keelson")
+SHUTDOWN_GRACE = 0.5
 
 
 async def build_state(config: Config) -> AgentState:
@@ -50,6 +55,8 @@ async def build_state(config: Config) -> AgentState:
         advertise_addr=advertise,
         peers=PeerPool(tls=not config.edge, client_context=peer_client_context(config)),
     )
+    state.guard = ConnectionGuard(head_timeout=config.header_timeout, max_unproven=config.max_unproven,
+                                  on_close=partial(_connection_closed, state.metrics))
     try:
         await state.engine.read_api_range()
     except (aiohttp.ClientError, OSError, TimeoutError, ValueError) as exc:
@@ -58,9 +65,9 @@ async def build_state(config: Config) -> AgentState:
     if info.swarm:
         try:
             state.membership = await start_membership(config, info, advertise, container)
-        except (RuntimeError, SerfError) as exc:
+        except (RuntimeError, SerfError, OSError) as exc:
             await state.close()
-            raise RuntimeError(str(exc)) from exc
+            raise RuntimeError(f"{Code.CLUSTER_SERF_FAILED.value} {exc}") from exc
     else:
         state.membership = StaticMembership([state.self_member])
     metrics = state.metrics
@@ -69,6 +76,22 @@ async def build_state(config: Config) -> AgentState:
     verifier = state.verifier
     state.metrics.signature_verifications.set_function(lambda: verifier.verifications)
     return state
+
+
+_LIMIT_CODES = {
+    "head_timeout": (Code.LIMIT_HEAD_TIMEOUT, "a client did not finish its request head in time"),
+    "head_too_large": (Code.LIMIT_HEAD_TOO_LARGE, "a client's request head passed 1 MiB (431)"),
+    "head_budget": (Code.LIMIT_HEAD_BUDGET, "unfinished request heads passed their shared budget: the largest "
+                    "was closed"),
+    "unproven_cap": (Code.LIMIT_UNPROVEN_CAP, "too many connections without a signed request: the oldest was "
+                     "closed"),
+}
+
+
+def _connection_closed(metrics: Metrics, cause: str) -> None:
+    metrics.connections_closed.labels(cause).inc()
+    code, message = _LIMIT_CODES[cause]
+    log_failure(code, message)
 
 
 async def _security_shutdown(state: AgentState, server: asyncio.AbstractServer, runner: web.AppRunner) -> None:
@@ -105,20 +128,30 @@ async def run(config: Config, stop: asyncio.Event) -> int:
         app[EDGE_KEY_HANDLER] = edge.key_handler
     # handler_cancellation: a caller that goes away cancels its handler, which closes the upstream stream
     # (a `logs -f` of a quiet container would otherwise hold its engine connection until the next line).
-    runner = web.AppRunner(app, access_log=None, handle_signals=False, shutdown_timeout=5,
+    # shutdown_timeout: on SIGTERM open requests get this long to end, then their handlers are cancelled,
+    # which ends streams (logs -f, events, attach) cleanly; the whole stop stays far inside Docker's 10 s grace.
+    runner = web.AppRunner(app, access_log=None, handle_signals=False, shutdown_timeout=SHUTDOWN_GRACE,
                            handler_cancellation=True)
     await runner.setup()
     loop = asyncio.get_running_loop()
     assert runner.server is not None
-    if edge is None:
-        ctx = server_context(config, [state.advertise_addr, "127.0.0.1"])
-        host = config.agent_host
-        factory: Any = server_protocol_factory(loop, runner.server, ctx)
-    else:
-        # Edge: plain HTTP on the advertise address; only the tunnel (or the local node) reaches it.
-        host = state.advertise_addr if config.agent_host == "0.0.0.0" else config.agent_host
-        factory = runner.server
-    server = await loop.create_server(factory, host, config.agent_port, reuse_address=True, backlog=1024)
+    try:
+        if edge is None:
+            ctx = server_context(config, [state.advertise_addr, "127.0.0.1"])
+            host = config.agent_host
+            factory: Any = server_protocol_factory(loop, runner.server, ctx)
+        else:
+            # Edge: plain HTTP on the advertise address; only the tunnel (or the local node) reaches it.
+            host = state.advertise_addr if config.agent_host == "0.0.0.0" else config.agent_host
+            factory = runner.server
+        server = await loop.create_server(state.guard.wrap(factory), host, config.agent_port,
+                                          reuse_address=True, backlog=1024)
+    except OSError as exc:  # the port is taken, the address is not ours, a certificate does not load
+        log.error("%s cannot serve the API on %s:%d: %s", Code.START_FAILED.value, config.agent_host,
+                  config.agent_port, exc)
+        await asyncio.gather(runner.cleanup(), *([edge.close()] if edge is not None else []))
+        await state.close()  # stops the serf child and every background task: nothing is left running
+        return 1
     log.info("agent listening on %s://%s:%d (node %s, %s, advertise %s, engine %s)",
              "http" if edge is not None else "https", host, config.agent_port, state.info.node_name,
              state.info.engine_status, state.advertise_addr, config.docker.url)
@@ -126,18 +159,20 @@ async def run(config: Config, stop: asyncio.Event) -> int:
         await edge.start()
     guard = None
     if not config.secret and not config.edge:
-        guard = asyncio.create_task(_security_shutdown(state, server, runner))
+        guard = spawn(_security_shutdown(state, server, runner), "security-shutdown")
     try:
         await stop.wait()
     finally:
+        started = time.monotonic()
         log.info("agent stopping")
+        server.close()  # no new connections from here on
         if guard is not None:
             guard.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await guard
-        if edge is not None:
-            await edge.close()
-        server.close()
-        await runner.cleanup()
+        # Leaving the cluster, ending Edge and ending open requests do not depend on each other.
+        await asyncio.gather(runner.cleanup(), state.membership.close(),
+                             *([edge.close()] if edge is not None else []))
         await state.close()
+        log.info("agent stopped in %.2fs", time.monotonic() - started)
     return 0

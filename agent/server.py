@@ -33,6 +33,7 @@ from proxy.target import BadTarget, Target, engine_version, parse_target
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 _T0 = "keelson_t0"
 _LABEL = "keelson_label"
+GUARD = "keelson_guard"
 TARGET = "keelson_target"
 """The request's parsed target (proxy.target.Target), set by target_middleware."""
 
@@ -58,6 +59,20 @@ async def _on_prepare(request: web.Request, response: web.StreamResponse) -> Non
         request.app[STATE].metrics.latency.labels(request.get(_LABEL, "unknown")).observe(
             time.perf_counter() - t0
         )
+
+
+@web.middleware
+async def guard_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
+    """Tell the connection guard that this request's head is complete, and when the request is over."""
+    guard = request.app[STATE].guard.guard_of(request.transport)
+    if guard is None:
+        return await handler(request)
+    guard.request_started()
+    request[GUARD] = guard
+    try:
+        return await handler(request)
+    finally:
+        guard.request_finished()
 
 
 @web.middleware
@@ -105,6 +120,9 @@ async def signature_middleware(request: web.Request, handler: Handler) -> web.St
         return await handler(request)  # the node that serves it checks the signature
     verdict = state.verifier.check(request.headers.get(HEADER_PUBLIC_KEY), request.headers.get(HEADER_SIGNATURE))
     if verdict is Verdict.OK:
+        guard = request.get(GUARD)
+        if guard is not None:
+            guard.proven()
         return await handler(request)
     state.metrics.signature_failures.labels(verdict.value).inc()
     if verdict is Verdict.MISSING:
@@ -231,7 +249,8 @@ async def dispatch(request: web.Request) -> web.StreamResponse:
 def build_app(state: AgentState, extra_middlewares: list[Any] | None = None) -> web.Application:
     """The application; Edge mode adds its own middleware (key gate, activity tracking) after metrics."""
     app = web.Application(
-        middlewares=[metrics_middleware, target_middleware, *(extra_middlewares or []), signature_middleware],
+        middlewares=[guard_middleware, metrics_middleware, target_middleware, *(extra_middlewares or []),
+                     signature_middleware],
         client_max_size=0,  # bodies are streamed, never read whole by aiohttp
         # auto_decompress off: a body sent with Content-Encoding goes upstream byte for byte, as sent
         handler_args={"max_field_size": 65536, "max_line_size": 65536, "auto_decompress": False},

@@ -9,6 +9,7 @@ import aiodocker
 from agent.auth import SignatureVerifier
 from agent.cluster.membership import Member, Membership, StaticMembership
 from agent.config import Config
+from agent.connguard import ConnectionGuard
 from agent.engine import EngineInfo
 from agent.metrics import Metrics
 from proxy.upstream import EngineUpstream, PeerPool
@@ -25,6 +26,8 @@ class AgentState:
     advertise_addr: str
     peers: PeerPool
     membership: Membership = field(default_factory=StaticMembership)
+    guard: ConnectionGuard = field(default_factory=ConnectionGuard)
+    """Limits on client connections before any signature (agent/connguard.py)."""
 
     @property
     def clustered(self) -> bool:

@@ -69,6 +69,7 @@ class HalfCloseSSLProtocol(_ProtocolBase):
 
     _keep_open = False
     _wrote_eof = False
+    max_size = 64 * 1024  # the read buffer every connection allocates (asyncio: 256 KiB, 4x the memory per client)
     _app_transport: Any
     _app_transport_created: bool
     _app_state: Any

@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import errno
+import json
 import mimetypes
 import os
 import weakref
@@ -28,6 +29,7 @@ from aiohttp.abc import AbstractStreamWriter
 from aiohttp.multipart import BodyPartReader
 
 from agent.appkeys import DOCKER
+from agent.bodylimit import BodyTooLarge, read_bounded, too_large
 from agent.errors import Code, json_error
 from browse import fsops
 from browse.paths import (
@@ -229,7 +231,9 @@ async def _delete(request: web.Request, target: _Target, v1: bool) -> web.Stream
 
 async def _rename(request: web.Request, target: _Target, v1: bool) -> web.StreamResponse:
     try:
-        payload: Any = await request.json()
+        payload: Any = json.loads(await read_bounded(request))
+    except BodyTooLarge as exc:
+        raise _Reply(too_large(exc, path=request.path)) from None
     except (ValueError, UnicodeDecodeError) as exc:
         raise _bad_request("Invalid request payload", f"invalid JSON: {exc}") from None
     if not isinstance(payload, dict):

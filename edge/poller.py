@@ -19,6 +19,7 @@ from collections.abc import Awaitable, Callable
 import aiohttp
 
 from agent.errors import Code, log_failure
+from agent.tasks import supervise
 from edge.client import PollError, PollResponse, PortainerClient
 
 log = logging.getLogger("keelson.edge.poll")
@@ -53,7 +54,7 @@ class Poller:
 
     def start(self) -> None:
         if self._task is None:
-            self._task = asyncio.create_task(self._run(), name="edge-poller")
+            self._task = supervise(self._run, "edge-poller")
 
     async def close(self) -> None:
         task, self._task = self._task, None

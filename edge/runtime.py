@@ -23,7 +23,7 @@ import json
 import logging
 import os
 import ssl
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Coroutine
 from pathlib import Path
 from typing import Any
 
@@ -34,6 +34,7 @@ from agent.cluster.membership import Member
 from agent.engine import read_engine_info
 from agent.errors import Code, log_failure
 from agent.state import AgentState
+from agent.tasks import spawn
 from edge.client import PollResponse, PortainerClient, TlsFiles
 from edge.key import EdgeKey, EdgeKeyError, parse_edge_key, read_key_file, write_key_file
 from edge.options import EdgeOptions
@@ -342,6 +343,7 @@ class EdgeRuntime:
                 self._make_tunnel, server=self._tunnel_server(key), fingerprint=key.fingerprint,
                 local_host=self.listen_host, local_port=config.agent_port, edge_id=config.edge_id,
                 inactivity_timeout=config.edge_inactivity_timeout,
+                proxy=config.edge_tunnel_proxy or None,  # the flags --edge-tunnel-http(s)-proxy, or the variables
             )
             self.tunnels.start()
         runner = ContainerJobRunner(self.state.docker, self.options.job_image, self.options.job_memory,
@@ -380,8 +382,8 @@ class EdgeRuntime:
             self._leader = (loop.time(), leader)
         return leader
 
-    def _spawn(self, coro: Awaitable[Any]) -> None:
-        task = asyncio.ensure_future(coro)
+    def _spawn(self, coro: Coroutine[Any, Any, Any]) -> None:
+        task = spawn(coro, "edge-runtime")
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
 

@@ -25,7 +25,7 @@ import tarfile
 import tempfile
 import time
 import uuid
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Coroutine
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
@@ -35,6 +35,7 @@ import aiodocker
 from croniter import croniter
 
 from agent.errors import Code, log_failure
+from agent.tasks import spawn
 from edge.client import Schedule
 
 log = logging.getLogger("keelson.edge.jobs")
@@ -105,7 +106,8 @@ class ContainerJobRunner:
     async def run(self, job_id: int, script: bytes) -> str:
         await self._ensure_image()
         name = f"keelson-edge-job-{job_id}-{uuid.uuid4().hex[:8]}"
-        creating = asyncio.ensure_future(self.docker.containers.create(self.container_config(job_id), name=name))
+        creating = spawn(self.docker.containers.create(self.container_config(job_id), name=name), "edge-job-create",
+                         owned=True)
         try:
             container = await asyncio.shield(creating)
         except asyncio.CancelledError:  # removed or replaced meanwhile: do not leave the container behind
@@ -232,7 +234,7 @@ class Scheduler:
             log.info("Edge job %d scheduled (%s, version %d)", schedule.id, schedule.cron_expression,
                      schedule.version)
         job = _Job(schedule, script)
-        job.loop_task = asyncio.create_task(self._cron_loop(job), name=f"edge-job-{schedule.id}")
+        job.loop_task = spawn(self._cron_loop(job), f"edge-job-{schedule.id}")
         self.jobs[schedule.id] = job
 
     @staticmethod
@@ -241,8 +243,8 @@ class Scheduler:
             if task is not None:
                 task.cancel()
 
-    def _spawn(self, coro: Awaitable[None]) -> None:
-        task = asyncio.ensure_future(coro)
+    def _spawn(self, coro: Coroutine[Any, Any, None]) -> None:
+        task = spawn(coro, "edge-job-log")
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
 
@@ -255,7 +257,7 @@ class Scheduler:
                 log_failure(Code.EDGE_JOB_FAILED, f"Edge job {job.schedule.id} still running: run skipped",
                             due=due.isoformat(timespec="seconds"))
                 continue
-            job.run_task = asyncio.create_task(self._run(job), name=f"edge-job-run-{job.schedule.id}")
+            job.run_task = spawn(self._run(job), f"edge-job-run-{job.schedule.id}")
 
     async def _sleep_until(self, due: datetime) -> None:
         """Wall-clock wait in steps of at most a minute, so a clock that is set meanwhile is noticed."""

@@ -19,10 +19,12 @@ import asyncio
 import contextlib
 import logging
 import random
-from collections.abc import Awaitable, Callable
+from collections.abc import Callable, Coroutine
 from dataclasses import dataclass
+from typing import Any
 
 from agent.errors import Code, log_failure
+from agent.tasks import spawn, supervise
 from edge.client import STATUS_IDLE, STATUS_REQUIRED
 from edge.credentials import CredentialsError, decrypt_credentials
 from edge.tunnel.base import FingerprintMismatchError, ReverseTunnel, TunnelConfig, TunnelError
@@ -45,8 +47,9 @@ class Session:
 class TunnelManager:
     def __init__(self, factory: TunnelFactory, *, server: str, fingerprint: str, local_host: str,
                  local_port: int, edge_id: str, inactivity_timeout: float, retry_base: float = 1.0,
-                 retry_max: float = 30.0) -> None:
+                 retry_max: float = 30.0, proxy: str | None = None) -> None:
         self._factory = factory
+        self._proxy = proxy
         self._server = server
         self._fingerprint = fingerprint
         self._local = (local_host, local_port)
@@ -110,8 +113,9 @@ class TunnelManager:
 
     def start(self) -> None:
         if not self._main:
-            self._main = [asyncio.create_task(self._supervise(), name="edge-tunnel-supervisor"),
-                          asyncio.create_task(self._watch_inactivity(), name="edge-tunnel-inactivity")]
+            # supervised: an unexpected error is logged and the loop restarts, never a silent end
+            self._main = [supervise(self._supervise, "edge-tunnel-supervisor"),
+                          supervise(self._watch_inactivity, "edge-tunnel-inactivity")]
 
     async def close(self) -> None:
         self._session = None
@@ -132,8 +136,8 @@ class TunnelManager:
 
     # --- internals ----------------------------------------------------------------------------------------
 
-    def _spawn(self, coro: Awaitable[None]) -> None:
-        task = asyncio.ensure_future(coro)
+    def _spawn(self, coro: Coroutine[Any, Any, None]) -> None:
+        task = spawn(coro, "edge-tunnel")
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
 
@@ -178,7 +182,7 @@ class TunnelManager:
             return
         config = TunnelConfig(server=self._server, remote_port=session.port, local_host=self._local[0],
                               local_port=self._local[1], username=user, password=password,
-                              fingerprint=self._fingerprint)
+                              fingerprint=self._fingerprint, proxy=self._proxy)
         tunnel = self._factory(config)
         self._opening = tunnel
         try:

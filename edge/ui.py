@@ -16,6 +16,7 @@ from collections.abc import Awaitable, Callable
 
 from aiohttp import web
 
+from agent.tasks import spawn
 from edge.key import EdgeKeyError
 
 log = logging.getLogger("keelson.edge.ui")
@@ -119,7 +120,7 @@ class AssociationUI:
     def close_soon(self) -> None:
         """Close after the current response went out (safe to call from a handler)."""
         if self._closing is None:
-            self._closing = asyncio.create_task(self.close())
+            self._closing = spawn(self.close(), "edge-ui-close")
 
     async def close(self) -> None:
         if self._timer is not None:

@@ -16,6 +16,7 @@ import aiohttp
 import orjson
 from aiohttp import web
 
+from agent.bodylimit import BodyTooLarge, read_bounded, too_large
 from agent.cluster.membership import Member
 from agent.errors import Code, json_error, log_failure
 from agent.state import AgentState
@@ -115,7 +116,10 @@ async def handle(request: web.Request, state: AgentState, target: Target, local_
     """Ask every member (or `only` that one) and merge. This node's engine gets `local_path` (the caller's
     version adapted to it); peers get the caller's own version and adapt it for their engines."""
     volumes = target.route_path == "/volumes"
-    body = await request.read() if request.body_exists else None
+    try:
+        body = await read_bounded(request) if request.body_exists else None
+    except BodyTooLarge as exc:
+        return too_large(exc, path=request.path)
     me = state.self_member
     if only is not None:
         members = [only]

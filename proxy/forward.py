@@ -9,15 +9,17 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import Mapping
+from collections.abc import AsyncIterable, Mapping
 from typing import Any
 
 import aiohttp
 from aiohttp import web
 from multidict import CIMultiDict
 
+from agent.connguard import unwrap_protocol
 from agent.errors import Code, json_error, log_failure
 from agent.metrics import Metrics
+from agent.tasks import spawn
 from proxy.upstream import Upstream
 
 HOP_BY_HOP = frozenset(
@@ -174,37 +176,90 @@ class UpstreamHandshake:
             self.writer.close()
 
 
-async def open_hijack(
-    upstream: Upstream, method: str, path_qs: str, headers: Mapping[str, str], body: bytes,
-    upgrade: str = "tcp",
-) -> UpstreamHandshake:
-    """Send a hijack request on a fresh raw connection and read the response head."""
-    reader, writer = await upstream.open_raw()
-    lines = [f"{method} {path_qs} HTTP/1.1", f"Host: {upstream.host_header}"]
-    for name, value in headers.items():
-        if name.lower() in ("content-length", "host", "connection", "upgrade", "transfer-encoding"):
-            continue
-        lines.append(f"{name}: {value}")
-    lines += ["Connection: Upgrade", f"Upgrade: {upgrade}"]
-    if body or method not in ("GET", "HEAD"):
-        lines.append(f"Content-Length: {len(body)}")
-    writer.write(("\r\n".join(lines) + "\r\n\r\n").encode("latin-1") + body)
-    await writer.drain()
-    head = await reader.readuntil(b"\r\n\r\n")
-    status_line, *header_lines = head.decode("latin-1").split("\r\n")
+HIJACK_CONNECT_TIMEOUT = 10.0
+HIJACK_HEAD_TIMEOUT = 30.0
+MAX_ERROR_BODY = 2**20
+
+
+class HijackError(Exception):
+    """The upstream of a hijack could not be reached in time, or answered something that is not HTTP."""
+
+
+def parse_response_head(head: bytes) -> tuple[int, str, CIMultiDict[str]]:
+    """Status, reason and headers of an HTTP/1.x response head (ending in a blank line). Pure."""
+    text = head.decode("latin-1")
+    status_line, *header_lines = text.rstrip("\r\n").split("\r\n")
     parts = status_line.split(" ", 2)
-    status = int(parts[1])
-    reason = parts[2] if len(parts) > 2 else ""
-    resp_headers: CIMultiDict[str] = CIMultiDict()
+    if len(parts) < 2 or not parts[0].startswith("HTTP/1.") or not (parts[1].isdigit() and len(parts[1]) == 3):
+        raise HijackError(f"not an HTTP response: {status_line[:80]!r}")
+    headers: CIMultiDict[str] = CIMultiDict()
     for line in header_lines:
-        if ":" in line:
-            name, value = line.split(":", 1)
-            resp_headers.add(name.strip(), value.strip())
-    data = b""
-    if status not in (101,) and "Content-Length" in resp_headers:
-        data = await reader.readexactly(int(resp_headers["Content-Length"]))
-    elif status >= 300 and resp_headers.get("Transfer-Encoding", "").lower() != "chunked":
-        data = await reader.read()
+        name, sep, value = line.partition(":")
+        if not sep or not name.strip():
+            raise HijackError(f"malformed response header line: {line[:80]!r}")
+        headers.add(name.strip(), value.strip())
+    return int(parts[1]), parts[2] if len(parts) > 2 else "", headers
+
+
+async def open_hijack(
+    upstream: Upstream, method: str, path_qs: str, headers: Mapping[str, str],
+    body: bytes | AsyncIterable[bytes], upgrade: str = "tcp", length: int | None = None,
+) -> UpstreamHandshake:
+    """Send a hijack request on a fresh raw connection and read the response head.
+
+    `body` is bytes or a stream; a stream is sent with `length` as Content-Length, or chunked when None.
+    Every step has a deadline, and the connection is closed on any failure."""
+    try:
+        async with asyncio.timeout(HIJACK_CONNECT_TIMEOUT):
+            reader, writer = await upstream.open_raw()
+    except TimeoutError:
+        raise HijackError(f"no connection within {HIJACK_CONNECT_TIMEOUT:g}s") from None
+    try:
+        lines = [f"{method} {path_qs} HTTP/1.1", f"Host: {upstream.host_header}"]
+        for name, value in headers.items():
+            if name.lower() in ("content-length", "host", "connection", "upgrade", "transfer-encoding"):
+                continue
+            lines.append(f"{name}: {value}")
+        lines += ["Connection: Upgrade", f"Upgrade: {upgrade}"]
+        chunked = False
+        if isinstance(body, bytes):
+            if body or method not in ("GET", "HEAD"):
+                lines.append(f"Content-Length: {len(body)}")
+        elif length is not None:
+            lines.append(f"Content-Length: {length}")
+        else:
+            chunked = True
+            lines.append("Transfer-Encoding: chunked")
+        writer.write(("\r\n".join(lines) + "\r\n\r\n").encode("latin-1"))
+        if isinstance(body, bytes):
+            writer.write(body)
+        else:
+            async for chunk in body:  # streamed with back-pressure, never held whole
+                writer.write(b"%x\r\n%s\r\n" % (len(chunk), chunk) if chunked else chunk)
+                await writer.drain()
+            if chunked:
+                writer.write(b"0\r\n\r\n")
+        await writer.drain()
+        async with asyncio.timeout(HIJACK_HEAD_TIMEOUT):
+            head = await reader.readuntil(b"\r\n\r\n")
+            status, reason, resp_headers = parse_response_head(head)
+            data = b""
+            declared = resp_headers.get("Content-Length", "")
+            if status != 101 and declared.isdigit():
+                if int(declared) > MAX_ERROR_BODY:
+                    raise HijackError(f"an answer of {declared} bytes to a hijack request")
+                data = await reader.readexactly(int(declared))
+            elif status >= 300 and resp_headers.get("Transfer-Encoding", "").lower() != "chunked":
+                data = await reader.read(MAX_ERROR_BODY)
+    except TimeoutError:
+        writer.close()
+        raise HijackError(f"no answer within {HIJACK_HEAD_TIMEOUT:g}s") from None
+    except (asyncio.LimitOverrunError, asyncio.IncompleteReadError) as exc:
+        writer.close()
+        raise HijackError(f"the answer's head is too long or cut short: {exc}") from None
+    except BaseException:
+        writer.close()
+        raise
     return UpstreamHandshake(status, reason, resp_headers, reader, writer, data)
 
 
@@ -229,7 +284,7 @@ class _ClientSide(asyncio.Protocol):
         if self.upstream.transport.get_write_buffer_size() > HIGH_WATER and not self._draining:
             self._draining = True
             self.transport.pause_reading()
-            asyncio.get_running_loop().create_task(self._drain())
+            spawn(self._drain(), "hijack-drain")
 
     async def _drain(self) -> None:
         try:
@@ -270,12 +325,14 @@ async def relay_hijack(
     unreachable: Code = Code.PROXY_DOCKER_UNREACHABLE,
 ) -> web.StreamResponse:
     """A hijack or WebSocket upgrade through the agent: upstream 101, our 101, then raw bytes both ways."""
-    body = await request.read() if request.body_exists else b""
+    body: bytes | AsyncIterable[bytes] = _counting(request.content, metrics, "upload") \
+        if request.body_exists else b""
     headers = outgoing_headers(request, extra_headers)
     upgrade = upgrade_token(request) or "tcp"
     try:
-        hs = await open_hijack(upstream, request.method, path_qs, headers, body, upgrade)
-    except (OSError, asyncio.IncompleteReadError, ValueError) as exc:
+        hs = await open_hijack(upstream, request.method, path_qs, headers, body, upgrade,
+                               length=request.content_length)
+    except (OSError, HijackError) as exc:
         return json_error(502, f"Unable to reach {upstream.name} at {upstream.base_url}: {exc}", unreachable)
     if not hs.upgraded:
         hs.close()
@@ -290,11 +347,14 @@ async def relay_hijack(
     transport = request.transport
     assert transport is not None
     original = transport.get_protocol()
+    app_protocol = unwrap_protocol(original)
     client = _ClientSide(transport, hs.writer, original, metrics)
-    tail: bytes = getattr(original, "_message_tail", b"")
+    # Bytes the caller sent after its head (already read by aiohttp) belong to the stream: aiohttp keeps them
+    # in its private _message_tail (checked against the aiohttp version by tests/unit/test_internals.py).
+    tail: bytes = getattr(app_protocol, "_message_tail", b"")
     transport.set_protocol(client)
     if tail:
-        original._message_tail = b""  # type: ignore[attr-defined]
+        app_protocol._message_tail = b""
         client.data_received(tail)
     transport.resume_reading()
     metrics.hijacked.inc()

@@ -15,12 +15,15 @@ import ssl
 import aiohttp
 
 from agent.config import DockerEndpoint
+from agent.tasks import supervise
 from agent.tls import docker_client_context, peer_client_context
 from agent.tlsproto import open_tls_connection
 from proxy.target import ApiRange
 
 log = logging.getLogger("keelson")
 
+FORWARD_SKIP_AUTO_HEADERS = ("User-Agent", "Accept", "Accept-Encoding", "Content-Type")
+"""aiohttp's client adds these when the request lacks them; a relayed request carries the caller's only."""
 _TIMEOUT = aiohttp.ClientTimeout(total=None, connect=None, sock_connect=10, sock_read=None)
 
 
@@ -57,7 +60,8 @@ class EngineUpstream(Upstream):
             connector = aiohttp.TCPConnector(limit=0, ssl=self.ssl_context or False, keepalive_timeout=30)
             host = endpoint.http_base.split("://", 1)[1]
         session = aiohttp.ClientSession(
-            connector=connector, timeout=_TIMEOUT, auto_decompress=False, skip_auto_headers=("User-Agent",)
+            connector=connector, timeout=_TIMEOUT, auto_decompress=False,
+            skip_auto_headers=FORWARD_SKIP_AUTO_HEADERS,
         )
         super().__init__(endpoint.http_base, session, host)
         self.api_range: ApiRange | None = None
@@ -77,7 +81,7 @@ class EngineUpstream(Upstream):
     def start_watch(self) -> None:
         """Keep `api_range` true across engine restarts and upgrades (see _watch_api_range)."""
         if self._watch is None:
-            self._watch = asyncio.get_running_loop().create_task(self._watch_api_range())
+            self._watch = supervise(self._watch_api_range, "engine-version-watch")
 
     async def _watch_api_range(self) -> None:
         """Read the range, then hold a daemon-events stream open: it ends when the engine stops (restart or
@@ -125,7 +129,8 @@ class PeerPool:
             enable_cleanup_closed=True,
         )
         self.session = aiohttp.ClientSession(
-            connector=connector, timeout=_TIMEOUT, auto_decompress=False, skip_auto_headers=("User-Agent",)
+            connector=connector, timeout=_TIMEOUT, auto_decompress=False,
+            skip_auto_headers=FORWARD_SKIP_AUTO_HEADERS,
         )
 
     def upstream(self, ip: str, port: int) -> PeerUpstream:

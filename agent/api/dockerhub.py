@@ -9,11 +9,13 @@ image's manifest at registry-1.docker.io: the `RateLimit-Limit` and `RateLimit-R
 from __future__ import annotations
 
 import base64
+import json
 from typing import Any
 
 import aiohttp
 from aiohttp import web
 
+from agent.bodylimit import BodyTooLarge, read_bounded, too_large
 from agent.errors import Code, json_error
 
 DOCKERHUB_AUTH_URL: web.AppKey[str] = web.AppKey("dockerhub_auth_url", str)
@@ -58,7 +60,9 @@ def parse_payload(payload: Any) -> tuple[bool, str, str]:
 async def dockerhub_status(request: web.Request) -> web.Response:
     """`{"remaining": int, "limit": int}`, or `null` when Docker Hub sends no rate-limit headers."""
     try:
-        auth, username, password = parse_payload(await request.json())
+        auth, username, password = parse_payload(json.loads(await read_bounded(request)))
+    except BodyTooLarge as exc:
+        return too_large(exc, path=request.path)
     except (ValueError, UnicodeDecodeError) as exc:
         return json_error(400, "Invalid request payload", Code.BAD_REQUEST, details=str(exc))
     auth_url = request.app.get(DOCKERHUB_AUTH_URL, DEFAULT_AUTH_URL).rstrip("/")

@@ -17,7 +17,8 @@ from aiohttp import WSMsgType, web
 
 from agent.appkeys import STATE
 from agent.errors import Code, json_error, log_failure
-from proxy.forward import CHUNK, UpstreamHandshake, open_hijack
+from agent.tasks import spawn
+from proxy.forward import CHUNK, HijackError, UpstreamHandshake, open_hijack
 
 _ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,254}$")
 
@@ -71,7 +72,7 @@ async def handle_websocket(request: web.Request, kind: str) -> web.StreamRespons
     headers = {"Content-Type": "application/json"} if body else {}
     try:
         hs = await open_hijack(state.engine, "POST", path, headers, body)
-    except (OSError, asyncio.IncompleteReadError, ValueError) as exc:
+    except (OSError, HijackError) as exc:
         return json_error(502, f"Unable to reach the Docker engine: {exc}", Code.PROXY_DOCKER_UNREACHABLE)
     if not hs.upgraded:
         hs.close()
@@ -82,9 +83,9 @@ async def handle_websocket(request: web.Request, kind: str) -> web.StreamRespons
     ws = web.WebSocketResponse(max_msg_size=0, autoping=True)
     await ws.prepare(request)
     state.metrics.hijacked.inc()
-    down = asyncio.create_task(_docker_to_ws(hs, ws))
-    up = asyncio.create_task(_ws_to_docker(hs, ws))
-    pinger = asyncio.create_task(_keepalive(ws, state.config.websocket_ping))
+    down = spawn(_docker_to_ws(hs, ws), "console-down", owned=True)
+    up = spawn(_ws_to_docker(hs, ws), "console-up", owned=True)
+    pinger = spawn(_keepalive(ws, state.config.websocket_ping), "console-ping", owned=True)
     try:
         done, _ = await asyncio.wait({down, up, pinger}, return_when=asyncio.FIRST_COMPLETED)
         for task in done:

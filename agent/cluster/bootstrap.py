@@ -59,10 +59,20 @@ async def start_membership(config: Config, info: EngineInfo, advertise: str,
         serf_binary=config.serf_binary,
     )
     await membership.start()
+    try:
+        await _join(membership, config, info, container)
+    except BaseException:
+        await membership.close(leave=False)  # never leave a serf child behind a failed start
+        raise
+    return membership
+
+
+async def _join(membership: SerfMembership, config: Config, info: EngineInfo,
+                container: dict[str, Any] | None) -> None:
     name, from_label = cluster_join_name(config, container)
     if not name:
         log.info("no AGENT_CLUSTER_ADDR and no Swarm service label: starting a cluster of one")
-        return membership
+        return
     if from_label:
         await asyncio.sleep(3)  # Docker's DNS may not know tasks.<service> yet (as the Go agent waits)
     async def resolve() -> list[str]:
@@ -83,4 +93,3 @@ async def start_membership(config: Config, info: EngineInfo, advertise: str,
     else:
         log.info("joined %d of %d cluster addresses (%s)", joined, len(targets), name)
     membership.keep_joining(resolve)
-    return membership

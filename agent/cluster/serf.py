@@ -23,6 +23,7 @@ from typing import Any
 from agent.cluster.membership import ROLE_WORKER, Member, MembersListener
 from agent.cluster.serf_rpc import Record, SerfMember, SerfRPCClient, SerfRPCError, decode_member
 from agent.errors import Code, log_failure
+from agent.tasks import spawn, supervise
 
 log = logging.getLogger("keelson.cluster.serf")
 
@@ -43,7 +44,8 @@ RECONNECT_TIMEOUT = "1m"
 STARTUP_TIMEOUT = 15.0
 READY_TIMEOUT = 10.0
 REJOIN_TIMEOUT = 15.0
-STOP_GRACE = 5.0
+STOP_GRACE = 1.0
+LEAVE_TIMEOUT = 1.0
 
 
 class SerfError(RuntimeError):
@@ -108,7 +110,10 @@ async def resolve_join_addresses(name: str) -> list[str]:
         try:
             addrs = [str(ipaddress.ip_address(host))]
         except ValueError:
-            infos = await loop.getaddrinfo(host, None, family=socket.AF_INET, type=socket.SOCK_STREAM)
+            try:
+                infos = await loop.getaddrinfo(host, None, family=socket.AF_INET, type=socket.SOCK_STREAM)
+            except UnicodeError as exc:  # the IDNA codec refuses the name before any lookup
+                raise OSError(f"{host!r} is not a valid host name: {exc}") from None
             addrs = [str(info[4][0]) for info in infos]
         for addr in addrs:
             entry = addr if port is None else _host_port(addr, int(port))
@@ -249,11 +254,18 @@ class SerfMembership:
                 delay = min(delay * 2, max_interval)
 
         if self._joiner is None:
-            self._joiner = asyncio.create_task(loop(), name=f"serf-joiner-{self.node_name}")
+            self._joiner = supervise(loop, f"serf-joiner-{self.node_name}")
 
-    async def close(self) -> None:
-        """Stop supervising and stop the child by PID. No `leave`: the others notice it failed."""
+    async def close(self, leave: bool = True) -> None:
+        """Stop supervising, leave the cluster (the others drop this member at once instead of after failure
+        detection; Serf's `leave` also ends the child), then stop the child by PID if it is still there."""
         self._closing = True
+        if leave and self._rpc is not None:
+            try:
+                async with asyncio.timeout(LEAVE_TIMEOUT):
+                    await self._rpc.call("leave")
+            except (SerfRPCError, OSError, TimeoutError) as exc:
+                log.debug("serf leave: %s", exc)
         if self._joiner is not None:
             self._joiner.cancel()
             with contextlib.suppress(asyncio.CancelledError):
@@ -294,7 +306,7 @@ class SerfMembership:
                 Code.CLUSTER_SERF_FAILED, "serf agent failed to start", node=self.serf_node_name, error=exc
             )
             raise SerfError(f"serf agent failed to start: {exc}") from exc
-        self._supervisor = asyncio.create_task(self._supervise(), name=f"serf-supervisor-{self.node_name}")
+        self._supervisor = supervise(self._supervise, f"serf-supervisor-{self.node_name}")
 
     async def join(self, addrs: Iterable[str]) -> int:
         """Join 'ip' or 'ip:port' addresses (port 7946 by default); returns how many answered.
@@ -410,7 +422,8 @@ class SerfMembership:
             proc, rpc = self._proc, self._rpc
             assert proc is not None and rpc is not None
             started = loop.time()
-            waiters = [asyncio.create_task(proc.wait()), asyncio.create_task(rpc.wait_closed())]
+            waiters = [spawn(proc.wait(), "serf-wait-proc", owned=True),
+                       spawn(rpc.wait_closed(), "serf-wait-rpc", owned=True)]
             try:
                 await asyncio.wait(waiters, return_when=asyncio.FIRST_COMPLETED)
             finally:
@@ -481,7 +494,7 @@ class SerfMembership:
                 task.cancel()
 
     def _spawn_task(self, coro: Coroutine[Any, Any, None], name: str) -> None:
-        self._tasks.add(asyncio.create_task(coro, name=name))
+        self._tasks.add(spawn(coro, name))
 
     async def _wait_rpc(self) -> SerfRPCClient | None:
         try:

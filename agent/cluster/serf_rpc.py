@@ -16,6 +16,8 @@ from typing import Any
 
 import msgpack
 
+from agent.tasks import spawn
+
 log = logging.getLogger("keelson.cluster.serf_rpc")
 
 MEMBER_EVENTS = "member-join,member-leave,member-failed,member-update,member-reap"
@@ -84,7 +86,7 @@ class SerfRPCClient:
         self._body_for: asyncio.Future[Record | None] | RecordCallback | None = None
         self._write_lock = asyncio.Lock()
         self._closed: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-        self._read_task = asyncio.create_task(self._read_loop(), name="serf-rpc-reader")
+        self._read_task = spawn(self._read_loop(), "serf-rpc-reader", owned=True)
 
     @classmethod
     async def connect(

@@ -16,6 +16,7 @@ import aiohttp
 import asyncssh
 
 from agent.errors import Code, log_failure
+from agent.tasks import spawn
 from edge.tunnel.base import (
     FingerprintMismatchError,
     ReverseTunnel,
@@ -135,7 +136,7 @@ class SSHConnectionTunnel(ReverseTunnel):
             if self.is_open:
                 return
             close_calls = self._close_calls
-            attempt = self._attempt = asyncio.create_task(self._open_once(), name="edge-tunnel-open")
+            attempt = self._attempt = spawn(self._open_once(), "edge-tunnel-open", owned=True)
             try:
                 try:
                     conn, resources = await attempt
@@ -163,7 +164,7 @@ class SSHConnectionTunnel(ReverseTunnel):
             self._conn = conn
             self._closed = closed = asyncio.Event()
             resources.push_async_callback(self._stop_keepalive, self._start_keepalive(conn))
-            watcher = asyncio.create_task(self._watch(conn, closed, resources), name="edge-tunnel-watch")
+            watcher = spawn(self._watch(conn, closed, resources), "edge-tunnel-watch")
             self._watchers.add(watcher)
             watcher.add_done_callback(self._watchers.discard)
             log.info(
@@ -180,7 +181,7 @@ class SSHConnectionTunnel(ReverseTunnel):
     def _start_keepalive(self, conn: asyncssh.SSHClientConnection) -> asyncio.Task[None] | None:
         if self.config.keepalive_interval <= 0:
             return None
-        return asyncio.create_task(self._keepalive_loop(conn), name="edge-tunnel-keepalive")
+        return spawn(self._keepalive_loop(conn), "edge-tunnel-keepalive")
 
     @staticmethod
     async def _stop_keepalive(task: asyncio.Task[None] | None) -> None:

@@ -15,6 +15,8 @@ from typing import Any
 import aiohttp
 from aiohttp import web
 
+from agent.tasks import spawn
+
 log = logging.getLogger("keelson.edge.tunnel")
 
 MAX_FRAME = 256 * 1024
@@ -55,8 +57,8 @@ class WebSocketTransport(asyncio.Transport):
     def start(self) -> None:
         """Begin pumping; call after ``protocol.connection_made(self)``."""
         self._tasks = [
-            asyncio.create_task(self._read_loop(), name="ws-transport-read"),
-            asyncio.create_task(self._write_loop(), name="ws-transport-write"),
+            spawn(self._read_loop(), "ws-transport-read"),
+            spawn(self._write_loop(), "ws-transport-write"),
         ]
 
     # asyncio.Transport API

@@ -85,6 +85,11 @@ async def test_closed_node_is_seen_gone(make_node: NodeFactory) -> None:
         os.kill(pid, 0)  # reaped: our own child, checked by its PID
     for node in (n1, n2):
         await wait_sees(node, {"n1", "n2"})
+    # it left (a graceful leave, gossiped at once), rather than failing after the others' probes gave up
+    for node in (n1, n2):
+        await wait_until(lambda node=node: (node._known.get(n3.serf_node_name) is not None  # type: ignore[misc]
+                                            and node._known[n3.serf_node_name].status == "left"),
+                         f"{node.node_name} sees n3 as left")
 
 
 async def test_killed_child_is_restarted_and_rejoins(make_node: NodeFactory) -> None:
