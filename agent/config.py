@@ -121,7 +121,8 @@ class Config:
     docker: DockerEndpoint = field(default_factory=DockerEndpoint)
     # Keelson's own options (no Go equivalent); names start with KEELSON_.
     advertise_addr: str = ""
-    fanout_timeout: float = 5.0
+    fanout_timeout: float = 120.0
+    peer_connect_timeout: float = 2.0
     websocket_ping: float = 50.0
     header_timeout: float = 30.0
     max_unproven: int = 1024
@@ -130,6 +131,7 @@ class Config:
     host_root: Path = Path("/host")
     serf_binary: str = "serf"
     serf_port: int = 7946
+    serf_reconnect_timeout: float = 60.0
 
 
 def _get(env: Mapping[str, str], name: str, default: str) -> str:
@@ -359,7 +361,8 @@ def load_config(env: Mapping[str, str] | None = None, argv: list[str] | None = N
         edge_tunnel_proxy=env.get("HTTPS_PROXY", "") or env.get("HTTP_PROXY", ""),
         docker=_docker(env),
         advertise_addr=advertise,
-        fanout_timeout=_duration(env, "KEELSON_FANOUT_TIMEOUT", "5s"),
+        fanout_timeout=_duration(env, "KEELSON_FANOUT_TIMEOUT", "120s"),
+        peer_connect_timeout=_duration(env, "KEELSON_PEER_CONNECT_TIMEOUT", "2s"),
         websocket_ping=_duration(env, "KEELSON_WEBSOCKET_PING", "50s"),
         header_timeout=_duration(env, "KEELSON_HEADER_TIMEOUT", "30s"),
         max_unproven=_int(env, "KEELSON_MAX_UNPROVEN", 1024, lo=1, hi=1_000_000),
@@ -368,5 +371,6 @@ def load_config(env: Mapping[str, str] | None = None, argv: list[str] | None = N
         host_root=Path(_get(env, "KEELSON_HOST_ROOT", "/host")),
         serf_binary=_get(env, "KEELSON_SERF_BINARY", "serf"),
         serf_port=_port(env, "KEELSON_SERF_PORT", 7946),
+        serf_reconnect_timeout=_duration(env, "KEELSON_SERF_RECONNECT_TIMEOUT", "1m"),
         ignored=tuple(name for name in IGNORED if env.get(name)),
     )

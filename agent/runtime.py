@@ -16,7 +16,7 @@ from aiohttp import web
 from agent.api.key import EDGE_KEY_HANDLER
 from agent.auth import SignatureVerifier
 from agent.cluster.bootstrap import start_membership
-from agent.cluster.membership import StaticMembership
+from agent.cluster.membership import Member, StaticMembership
 from agent.cluster.serf import SerfError
 from agent.config import Config
 from agent.connguard import ConnectionGuard
@@ -25,9 +25,11 @@ from agent.errors import Code, log_failure
 from agent.metrics import Metrics
 from agent.server import build_app
 from agent.state import AgentState
-from agent.tasks import spawn
+from agent.swarmwatch import SwarmWatch, remote_managers
+from agent.tasks import spawn, supervise
 from agent.tls import peer_client_context, server_context
 from agent.tlsproto import server_protocol_factory
+from proxy.health import PeerHealth
 from proxy.upstream import EngineUpstream, PeerPool
 
 log = logging.getLogger("keelson")
@@ -53,8 +55,11 @@ async def build_state(config: Config) -> AgentState:
         docker=docker,
         info=info,
         advertise_addr=advertise,
-        peers=PeerPool(tls=not config.edge, client_context=peer_client_context(config)),
+        peers=PeerPool(tls=not config.edge, client_context=peer_client_context(config),
+                       connect_timeout=config.peer_connect_timeout),
+        engine_managers=remote_managers(raw_info) or None,
     )
+    state.health = health = PeerHealth(partial(_probe_peer, state.peers))
     state.guard = ConnectionGuard(head_timeout=config.header_timeout, max_unproven=config.max_unproven,
                                   on_close=partial(_connection_closed, state.metrics))
     try:
@@ -73,9 +78,28 @@ async def build_state(config: Config) -> AgentState:
     metrics = state.metrics
     membership = state.membership
     metrics.cluster_members.set_function(lambda: len(membership.members()))
+    known = {m.node_name for m in membership.members()}
+
+    def members_changed(members: list[Member]) -> None:
+        nonlocal known
+        now = {m.node_name for m in members}
+        health.members_changed(known, now)
+        known = now
+
+    membership.subscribe(members_changed)
     verifier = state.verifier
     state.metrics.signature_verifications.set_function(lambda: verifier.verifications)
     return state
+
+
+async def _probe_peer(peers: PeerPool, ip: str, port: int) -> bool:
+    """A cheap look whether a peer's agent is back: `GET /ping` (unsigned) answers 204 within a second."""
+    upstream = peers.upstream(ip, port)
+    try:
+        async with upstream.session.get(upstream.base_url + "/ping", timeout=aiohttp.ClientTimeout(total=1.0)) as r:
+            return r.status == 204
+    except (aiohttp.ClientError, OSError, TimeoutError):
+        return False
 
 
 _LIMIT_CODES = {
@@ -123,6 +147,10 @@ async def run(config: Config, stop: asyncio.Event) -> int:
             await state.close()
             return 1
     state.engine.start_watch()
+    swarm_watch = None
+    if state.info.swarm:
+        watch = SwarmWatch(state.docker, state.membership, state.info, state.swarm_changed)
+        swarm_watch = supervise(watch.run, "swarm-watch")
     app = build_app(state, [edge.middleware()] if edge is not None else None)
     if edge is not None:
         app[EDGE_KEY_HANDLER] = edge.key_handler
@@ -166,6 +194,8 @@ async def run(config: Config, stop: asyncio.Event) -> int:
         started = time.monotonic()
         log.info("agent stopping")
         server.close()  # no new connections from here on
+        if swarm_watch is not None:
+            swarm_watch.cancel()
         if guard is not None:
             guard.cancel()
             with contextlib.suppress(asyncio.CancelledError):

@@ -20,14 +20,14 @@ from agent.api.key import handle_key
 from agent.api.websocket import handle_websocket
 from agent.appkeys import DOCKER, STATE
 from agent.auth import HEADER_PUBLIC_KEY, HEADER_SIGNATURE, MSG_INVALID, MSG_MISSING, Verdict
-from agent.cluster.membership import find_member
+from agent.cluster.membership import Member, find_member
 from agent.errors import Code, json_error
 from agent.metrics import CONTENT_TYPE
 from agent.state import AgentState
 from browse.handlers import HOST_ROOT_KEY, handle_browse
 from proxy import fanout
-from proxy.forward import relay
-from proxy.routing import HEADER_TARGET, Api, ApiRoute, Kind, classify, decide
+from proxy.forward import UpstreamUnreachable, relay
+from proxy.routing import HEADER_TARGET, MSG_NO_MANAGER, Api, ApiRoute, Kind, classify, decide
 from proxy.target import BadTarget, Target, engine_version, parse_target
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
@@ -163,14 +163,43 @@ async def _to_peer(request: web.Request, state: AgentState, node: str) -> web.St
                        {HEADER_TARGET: member.node_name}, Code.PROXY_PEER_UNREACHABLE)
 
 
+MANAGER_HEAD_TIMEOUT = 5.0
+"""A manager that took a GET but sends no answer head within this is taken for cut off (a kept-alive
+connection to a node that vanished): the next manager is tried."""
+
+
+async def _to_managers(request: web.Request, state: AgentState, candidates: tuple[Member, ...]) -> web.StreamResponse:
+    """A manager operation: each live manager in turn (leader first), falling through to the next only
+    when nothing of the request could be sent; the error names every manager tried."""
+    health = state.health
+    usable = [m for m in candidates if health is None or health.skipped(m.node_name) is None]
+    ordered = usable + [m for m in candidates if m not in usable]  # skipped ones only as a last resort
+    idempotent = request.method in ("GET", "HEAD") and not request.body_exists
+    tried: list[str] = []
+    for member in ordered:
+        upstream = state.peers.upstream(member.ip, member.agent_port)
+        try:
+            return await relay(request, upstream, request_target(request).as_sent, state.metrics,
+                               {HEADER_TARGET: member.node_name}, Code.PROXY_PEER_UNREACHABLE, fall_through=True,
+                               head_timeout=MANAGER_HEAD_TIMEOUT if idempotent else None)
+        except UpstreamUnreachable as exc:
+            tried.append(f"{member.node_name} ({member.ip}): {exc}")
+            if health is not None:
+                health.failed(member.node_name, member.ip, member.agent_port, f"unreachable: {exc}")
+    return json_error(500, MSG_NO_MANAGER, Code.PROXY_NO_MANAGER,
+                      details="No manager answered; tried " + "; ".join(tried), path=request.path)
+
+
 async def docker_proxy(request: web.Request) -> web.StreamResponse:
     state = request.app[STATE]
     target = request_target(request)
     route = decide(request.method, target.route_path, request.headers, state.self_member,
-                   state.members(), state.clustered)
+                   state.members(), state.clustered, state.engine_managers)
     request[_LABEL] = route.metric_label
     if route.kind is Kind.LOCAL:
         return await relay(request, state.engine, local_path(request, state), state.metrics, upgrades=("tcp",))
+    if route.kind is Kind.PEER and route.candidates:
+        return await _to_managers(request, state, route.candidates)
     if route.kind is Kind.PEER:
         assert route.member is not None
         return await _to_peer(request, state, route.member.node_name)

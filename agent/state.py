@@ -12,6 +12,7 @@ from agent.config import Config
 from agent.connguard import ConnectionGuard
 from agent.engine import EngineInfo
 from agent.metrics import Metrics
+from proxy.health import PeerHealth
 from proxy.upstream import EngineUpstream, PeerPool
 
 
@@ -27,6 +28,10 @@ class AgentState:
     peers: PeerPool
     membership: Membership = field(default_factory=StaticMembership)
     guard: ConnectionGuard = field(default_factory=ConnectionGuard)
+    engine_managers: frozenset[str] | None = None
+    """Node IDs of the Swarm's managers as this node's engine knows them (`Swarm.RemoteManagers`)."""
+    health: PeerHealth | None = None
+    """Peers that failed recently: fan-outs and manager operations skip them until a probe answers."""
     """Limits on client connections before any signature (agent/connguard.py)."""
 
     @property
@@ -47,6 +52,16 @@ class AgentState:
 
     def members(self) -> list[Member]:
         return self.membership.members()
+
+    def failed_nodes(self) -> list[str]:
+        """Node names whose agent the membership reports failed (empty when it cannot tell)."""
+        failed = getattr(self.membership, "failed_nodes", None)
+        return list(failed()) if failed is not None else []
+
+    def swarm_changed(self, info: EngineInfo, managers: frozenset[str]) -> None:
+        """The engine's current role, leader flag and manager set (agent/swarmwatch.py)."""
+        self.info = info
+        self.engine_managers = managers or None
 
     async def close(self) -> None:
         await self.membership.close()

@@ -20,10 +20,11 @@ from agent.bodylimit import BodyTooLarge, read_bounded, too_large
 from agent.cluster.membership import Member
 from agent.errors import Code, json_error, log_failure
 from agent.state import AgentState
+from agent.tasks import spawn
 from proxy.forward import outgoing_headers
 from proxy.routing import HEADER_TARGET
 from proxy.target import Target
-from proxy.upstream import Upstream
+from proxy.upstream import PeerUpstream, Upstream
 
 HEADER_FAILED_NODES = "X-Keelson-Failed-Nodes"
 
@@ -50,6 +51,10 @@ class NodeAnswer:
     items: list[Any] = field(default_factory=list)
     warnings: list[str] = field(default_factory=list)
     error: str | None = None
+    down: bool = False
+    """It did not connect or answer in time (not merely an error answer): skipped for a while."""
+    skipped: bool = False
+    """Not asked at all (it failed recently, or the cluster reports its agent failed)."""
 
 
 def parse_node_body(node: str, status: int, body: bytes, volumes: bool) -> NodeAnswer:
@@ -92,23 +97,53 @@ def merge(answers: list[NodeAnswer], volumes: bool) -> tuple[Any, dict[str, str]
     return items, failed
 
 
+async def reachable(ip: str, port: int, timeout: float) -> bool:
+    """Whether a new TCP connection to the peer's agent port opens within `timeout` (a cheap liveness look)."""
+    try:
+        async with asyncio.timeout(timeout):
+            _, writer = await asyncio.open_connection(ip, port)
+    except (OSError, TimeoutError):
+        return False
+    writer.close()
+    return True
+
+
 async def _ask(request: web.Request, upstream: Upstream, path_qs: str, member: Member, body: bytes | None,
                timeout: float, volumes: bool) -> NodeAnswer:
     headers = outgoing_headers(request, {HEADER_TARGET: member.node_name})
     headers["Host"] = upstream.host_header
     headers.pop("Content-Length", None)
+
+    async def call() -> NodeAnswer:
+        async with upstream.session.request(
+            request.method, upstream.base_url + path_qs, headers=headers, data=body, allow_redirects=False,
+        ) as resp:
+            raw = await resp.read()
+            return parse_node_body(member.node_name, resp.status, raw, volumes)
+
+    task = spawn(call(), f"fanout-{member.node_name}", owned=True)
     try:
-        async with asyncio.timeout(timeout):
-            async with upstream.session.request(
-                request.method, upstream.base_url + path_qs, headers=headers, data=body,
-                allow_redirects=False,
-            ) as resp:
-                raw = await resp.read()
-                return parse_node_body(member.node_name, resp.status, raw, volumes)
+        started = asyncio.get_running_loop().time()
+        look = upstream.connect_timeout
+        if isinstance(upstream, PeerUpstream) and look is not None and look < timeout:
+            # A request on a kept-alive connection to a node that was cut off would wait for the whole
+            # answer deadline: if nothing came within a connect deadline, look whether the node is there
+            # at all. A slow node that is there is waited for; a gone one costs this deadline, once.
+            done, _ = await asyncio.wait({task}, timeout=look)
+            if not done and not await reachable(upstream.ip, upstream.port, look):
+                return NodeAnswer(member.node_name, error=f"no connection within {look:g}s", down=True)
+        remaining = timeout - (asyncio.get_running_loop().time() - started)
+        return await asyncio.wait_for(asyncio.shield(task), max(0.0, remaining))
     except TimeoutError:
-        return NodeAnswer(member.node_name, error=f"no answer within {timeout:g}s")
+        return NodeAnswer(member.node_name, error=f"no answer within {timeout:g}s", down=True)
     except (aiohttp.ClientError, OSError) as exc:
-        return NodeAnswer(member.node_name, error=f"unreachable: {exc.__class__.__name__}: {exc}")
+        return NodeAnswer(member.node_name, error=f"unreachable: {exc.__class__.__name__}: {exc}", down=True)
+    finally:
+        task.cancel()
+
+
+async def _skipped(node: str, reason: str) -> NodeAnswer:
+    return NodeAnswer(node, error=reason, skipped=True)
 
 
 async def handle(request: web.Request, state: AgentState, target: Target, local_path: str,
@@ -121,25 +156,46 @@ async def handle(request: web.Request, state: AgentState, target: Target, local_
     except BodyTooLarge as exc:
         return too_large(exc, path=request.path)
     me = state.self_member
+    health = state.health
     if only is not None:
         members = [only]
     else:
         members = [m for m in state.members() if m.node_name != me.node_name]
         members.insert(0, me)
+        if health is not None:
+            health.forget({m.node_name for m in members})
     jobs = []
     for member in members:
         upstream: Upstream
         if member.node_name == me.node_name:
             upstream, path_qs = state.engine, local_path
         else:
+            reason = health.skipped(member.node_name) if health is not None else None
+            if reason is not None:
+                jobs.append(_skipped(member.node_name, reason))
+                continue
             upstream, path_qs = state.peers.upstream(member.ip, member.agent_port), target.as_sent
         jobs.append(_ask(request, upstream, path_qs, member, body, state.config.fanout_timeout, volumes))
+    if only is None:
+        # the cluster already knows these agents failed: named, not waited for
+        jobs += [_skipped(node, "skipped: the cluster reports its agent failed") for node in state.failed_nodes()]
     answers = await asyncio.gather(*jobs)
+    by_name = {m.node_name: m for m in members}
+    for answer in answers:
+        asked = by_name.get(answer.node)
+        if health is None or asked is None or asked.node_name == me.node_name or answer.skipped:
+            continue
+        if answer.down:
+            health.failed(asked.node_name, asked.ip, asked.agent_port, answer.error or "down")
+        else:
+            health.answered(asked.node_name)
     merged, failed = merge(list(answers), volumes)
-    for node, reason in failed.items():
-        state.metrics.fanout_node_failures.labels(node).inc()
-        log_failure(Code.FANOUT_NODE_FAILED, "node left out of a cluster listing", node=node, reason=reason,
-                    path=request.path)
+    for answer in answers:
+        if answer.error is None or answer.skipped:
+            continue
+        state.metrics.fanout_node_failures.labels(answer.node).inc()
+        log_failure(Code.FANOUT_NODE_FAILED, "node left out of a cluster listing", node=answer.node,
+                    reason=answer.error, path=request.path)
     headers = {HEADER_FAILED_NODES: json.dumps(failed)} if failed else {}
     if failed and len(failed) == len(answers):
         return json_error(502, "No node of the cluster answered: " + "; ".join(

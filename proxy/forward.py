@@ -35,6 +35,11 @@ GATHER_WAIT = 0.002  # ... for at most this long
 HIGH_WATER = 2**18
 
 
+class UpstreamUnreachable(Exception):
+    """No connection to the upstream could be made: nothing of the request was sent, so another upstream
+    may be tried (a manager operation falls through to the next manager)."""
+
+
 def outgoing_headers(request: web.Request, extra: Mapping[str, str] | None = None) -> CIMultiDict[str]:
     """The caller's headers minus hop-by-hop ones, plus X-Forwarded-For and what the route adds."""
     headers: CIMultiDict[str] = CIMultiDict()
@@ -79,8 +84,11 @@ async def forward_http(
     metrics: Metrics,
     extra_headers: Mapping[str, str] | None = None,
     unreachable: Code = Code.PROXY_DOCKER_UNREACHABLE,
+    fall_through: bool = False,
+    head_timeout: float | None = None,
 ) -> web.StreamResponse:
-    """Relay one request and its streamed response to `path_qs`."""
+    """Relay one request and its streamed response to `path_qs`. With `fall_through`, a failed connection
+    (or, with `head_timeout`, no answer head in time) raises UpstreamUnreachable instead of answering 502."""
     headers = outgoing_headers(request, extra_headers)
     headers["Host"] = upstream.host_header
     body: Any = None
@@ -89,10 +97,19 @@ async def forward_http(
         body = _counting(request.content, metrics, "upload")
         chunked = None if "Content-Length" in headers else True
     try:
-        upstream_resp = await upstream.session.request(
-            request.method, upstream.base_url + path_qs, headers=headers, data=body,
-            allow_redirects=False, compress=None, chunked=chunked,
-        )
+        async with asyncio.timeout(head_timeout):
+            upstream_resp = await upstream.session.request(
+                request.method, upstream.base_url + path_qs, headers=headers, data=body,
+                allow_redirects=False, compress=None, chunked=chunked,
+            )
+    except TimeoutError as exc:  # only with head_timeout: a kept-alive connection to a node now cut off
+        if fall_through:
+            raise UpstreamUnreachable(f"no answer within {head_timeout:g}s") from exc
+        return json_error(504, f"{upstream.name} at {upstream.base_url} did not answer in time", unreachable)
+    except (aiohttp.ClientConnectorError, aiohttp.ConnectionTimeoutError) as exc:
+        if fall_through:
+            raise UpstreamUnreachable(str(exc) or type(exc).__name__) from exc
+        return json_error(502, f"Unable to reach {upstream.name} at {upstream.base_url}: {exc}", unreachable)
     except (aiohttp.ClientError, OSError) as exc:
         return json_error(502, f"Unable to reach {upstream.name} at {upstream.base_url}: {exc}", unreachable)
     async with upstream_resp:
@@ -185,6 +202,10 @@ class HijackError(Exception):
     """The upstream of a hijack could not be reached in time, or answered something that is not HTTP."""
 
 
+class HijackConnectError(HijackError):
+    """No connection to the upstream of a hijack: nothing was sent."""
+
+
 def parse_response_head(head: bytes) -> tuple[int, str, CIMultiDict[str]]:
     """Status, reason and headers of an HTTP/1.x response head (ending in a blank line). Pure."""
     text = head.decode("latin-1")
@@ -210,10 +231,12 @@ async def open_hijack(
     `body` is bytes or a stream; a stream is sent with `length` as Content-Length, or chunked when None.
     Every step has a deadline, and the connection is closed on any failure."""
     try:
-        async with asyncio.timeout(HIJACK_CONNECT_TIMEOUT):
+        async with asyncio.timeout(upstream.connect_timeout or HIJACK_CONNECT_TIMEOUT):
             reader, writer = await upstream.open_raw()
     except TimeoutError:
-        raise HijackError(f"no connection within {HIJACK_CONNECT_TIMEOUT:g}s") from None
+        raise HijackConnectError(f"no connection within {HIJACK_CONNECT_TIMEOUT:g}s") from None
+    except OSError as exc:
+        raise HijackConnectError(str(exc)) from exc
     try:
         lines = [f"{method} {path_qs} HTTP/1.1", f"Host: {upstream.host_header}"]
         for name, value in headers.items():
@@ -323,6 +346,7 @@ async def relay_hijack(
     metrics: Metrics,
     extra_headers: Mapping[str, str] | None = None,
     unreachable: Code = Code.PROXY_DOCKER_UNREACHABLE,
+    fall_through: bool = False,
 ) -> web.StreamResponse:
     """A hijack or WebSocket upgrade through the agent: upstream 101, our 101, then raw bytes both ways."""
     body: bytes | AsyncIterable[bytes] = _counting(request.content, metrics, "upload") \
@@ -332,6 +356,10 @@ async def relay_hijack(
     try:
         hs = await open_hijack(upstream, request.method, path_qs, headers, body, upgrade,
                                length=request.content_length)
+    except HijackConnectError as exc:
+        if fall_through:
+            raise UpstreamUnreachable(str(exc)) from exc
+        return json_error(502, f"Unable to reach {upstream.name} at {upstream.base_url}: {exc}", unreachable)
     except (OSError, HijackError) as exc:
         return json_error(502, f"Unable to reach {upstream.name} at {upstream.base_url}: {exc}", unreachable)
     if not hs.upgraded:
@@ -388,9 +416,12 @@ async def relay(
     extra_headers: Mapping[str, str] | None = None,
     unreachable: Code = Code.PROXY_DOCKER_UNREACHABLE,
     upgrades: tuple[str, ...] = ("tcp", "websocket"),
+    fall_through: bool = False,
+    head_timeout: float | None = None,
 ) -> web.StreamResponse:
     """Forward the caller's request to `path_qs` (the normalised target that routing saw): hijacked when it
     asks to upgrade, streamed otherwise."""
     if upgrade_token(request) in upgrades:
-        return await relay_hijack(request, upstream, path_qs, metrics, extra_headers, unreachable)
-    return await forward_http(request, upstream, path_qs, metrics, extra_headers, unreachable)
+        return await relay_hijack(request, upstream, path_qs, metrics, extra_headers, unreachable, fall_through)
+    return await forward_http(request, upstream, path_qs, metrics, extra_headers, unreachable, fall_through,
+                              head_timeout)

@@ -6,7 +6,7 @@ dispatch (docs/protocol.md, "Routing"), written as data so that each rule is tes
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass
 from enum import Enum
 
@@ -120,6 +120,8 @@ class DockerRoute:
     message: str = ""
     details: str | None = None
     label: str = ""  # what the metrics call it: local, peer, manager, fanout, error
+    candidates: tuple[Member, ...] = ()
+    """Manager operations: every manager to try, in order (leader first); `member` is the first."""
 
     @property
     def metric_label(self) -> str:
@@ -159,15 +161,30 @@ def _header(headers: Mapping[str, str], name: str) -> str:
     return value.strip()
 
 
-def _manager_route(self_member: Member, members: Sequence[Member]) -> DockerRoute:
+def is_manager(member: Member, engine_managers: Collection[str] | None) -> bool:
+    """A member is a manager when this node's engine counts it among the Swarm's managers; its own tag
+    decides only when the engine's view is unknown or the member does not tell its node ID (a Go agent)."""
+    if engine_managers is not None and member.node_id:
+        return member.node_id in engine_managers
+    return member.is_manager
+
+
+def manager_candidates(self_member: Member, members: Sequence[Member],
+                       engine_managers: Collection[str] | None = None) -> list[Member]:
+    """The managers to try for a manager operation, leader first, then by name (pure)."""
+    managers = [m for m in members if m.node_name != self_member.node_name and is_manager(m, engine_managers)]
+    return sorted(managers, key=lambda m: (not m.is_leader, m.node_name))
+
+
+def _manager_route(self_member: Member, members: Sequence[Member],
+                   engine_managers: Collection[str] | None) -> DockerRoute:
     if self_member.is_manager:
         return DockerRoute(Kind.LOCAL, label="manager")
-    managers = [m for m in members if m.is_manager and m.node_name != self_member.node_name]
-    if not managers:
+    candidates = manager_candidates(self_member, members, engine_managers)
+    if not candidates:
         return DockerRoute(Kind.ERROR, status=500, message=MSG_NO_MANAGER, details=DETAILS_NO_MANAGER,
                            label="manager")
-    leader = next((m for m in managers if m.is_leader), managers[0])
-    return DockerRoute(Kind.PEER, member=leader, label="manager")
+    return DockerRoute(Kind.PEER, member=candidates[0], label="manager", candidates=tuple(candidates))
 
 
 def decide(
@@ -177,6 +194,7 @@ def decide(
     self_member: Member,
     members: Sequence[Member],
     clustered: bool,
+    engine_managers: Collection[str] | None = None,
 ) -> DockerRoute:
     """Route one Docker API request. `path` is the normalised path without version and query string.
 
@@ -185,7 +203,7 @@ def decide(
         return DockerRoute(Kind.LOCAL)
     target = _header(headers, HEADER_TARGET)
     if _header(headers, HEADER_MANAGER_OP):
-        return _manager_route(self_member, members)
+        return _manager_route(self_member, members, engine_managers)
     if is_cluster_op(method, path):
         if target == self_member.node_name:
             return DockerRoute(Kind.LOCAL)
@@ -197,7 +215,7 @@ def decide(
                 return DockerRoute(Kind.FANOUT, member=member)
         return DockerRoute(Kind.FANOUT)
     if is_manager_op(path):
-        return _manager_route(self_member, members)
+        return _manager_route(self_member, members, engine_managers)
     if not target or target == self_member.node_name:
         return DockerRoute(Kind.LOCAL)
     member = find_member(list(members), target)

@@ -31,6 +31,8 @@ class Upstream:
     """One HTTP destination (engine or peer agent) reached over a pooled session."""
 
     name = "upstream"
+    connect_timeout: float | None = None
+    """Deadline for a new connection (None: the session's)."""
 
     def __init__(self, base_url: str, session: aiohttp.ClientSession, host_header: str) -> None:
         self.base_url = base_url
@@ -121,15 +123,20 @@ class EngineUpstream(Upstream):
 class PeerPool:
     """Keep-alive HTTPS (or HTTP in Edge mode) sessions to the other agents, one pool for all peers."""
 
-    def __init__(self, tls: bool = True, client_context: ssl.SSLContext | None = None) -> None:
+    def __init__(self, tls: bool = True, client_context: ssl.SSLContext | None = None,
+                 connect_timeout: float = 10.0) -> None:
         self.tls = tls
+        self.connect_timeout = connect_timeout
         self.ssl_context = (client_context or peer_client_context()) if tls else None
         connector = aiohttp.TCPConnector(
             limit=0, limit_per_host=64, ssl=self.ssl_context or False, keepalive_timeout=60,
             enable_cleanup_closed=True,
         )
         self.session = aiohttp.ClientSession(
-            connector=connector, timeout=_TIMEOUT, auto_decompress=False,
+            connector=connector, auto_decompress=False,
+            # a peer that does not connect within this is down (or cut off): fan-outs skip it, manager
+            # operations try the next manager
+            timeout=aiohttp.ClientTimeout(total=None, connect=None, sock_connect=connect_timeout, sock_read=None),
             skip_auto_headers=FORWARD_SKIP_AUTO_HEADERS,
         )
 
@@ -149,6 +156,7 @@ class PeerUpstream(Upstream):
         self.port = port
         host = f"[{ip}]:{port}" if ":" in ip else f"{ip}:{port}"
         super().__init__(f"{'https' if pool.tls else 'http'}://{host}", pool.session, host)
+        self.connect_timeout = pool.connect_timeout
 
     async def open_raw(self) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
         if self.pool.ssl_context is not None:

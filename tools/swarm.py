@@ -153,9 +153,14 @@ class SwarmCluster:
     """
 
     def __init__(self, state_dir: Path | str, nodes: int = 3, run_id: str | None = None,
-                 agent_port: int = AGENT_PORT, signer: Signer | None = None) -> None:
+                 agent_port: int = AGENT_PORT, signer: Signer | None = None, managers: int = 1) -> None:
         if not 1 <= nodes <= MAX_NODES:
             raise ValueError(f"nodes must be between 1 and {MAX_NODES}")
+        if not 1 <= managers <= nodes:
+            raise ValueError("managers must be between 1 and the number of nodes")
+        self.managers = managers
+        """Nodes 1..managers are managers (node 1 the first leader), the others workers."""
+        self._cuts: list[tuple[int, int]] = []
         self.state_dir = Path(state_dir).resolve()
         self.run_id = run_id or new_run_id()
         self.size = nodes
@@ -289,6 +294,9 @@ class SwarmCluster:
         token = manager.cli("swarm", "join-token", "-q", "worker").stdout.strip()
         _parallel([partial(self._join, n, token, deadline) for n in self.nodes[1:]])
         self._wait_ready(deadline)
+        if self.managers > 1:
+            manager.cli("node", "promote", *[n.name for n in self.nodes[1:self.managers]], timeout=60)
+            self.wait_roles({n.name: "manager" for n in self.nodes[:self.managers]}, deadline)
         self.timings["swarm"] = time.monotonic() - t
 
         self.signer.write_docker_config(self.docker_config)
@@ -540,7 +548,8 @@ class SwarmCluster:
             **os.environ,
             "DOCKER_HOST": node.docker_host,
             "AGENT_PORT": str(node.agent_port),
-            "AGENT_CLUSTER_ADDR": self.manager.ip,
+            # every node's address, as `tasks.<service>` gives every task's in a deployed stack
+            "AGENT_CLUSTER_ADDR": ",".join(n.ip for n in self.nodes),
             "KEELSON_ADVERTISE_ADDR": node.ip,
             "DATA_PATH": str(node.data_path),
             "LOG_LEVEL": "DEBUG",
@@ -654,6 +663,36 @@ class SwarmCluster:
                 raise SwarmError(f"agents not all answering with {sorted(want)} after {timeout}s: {detail}")
             time.sleep(0.5)
 
+    def roles(self, via: int | None = None) -> dict[str, str]:
+        """Node name -> `manager`/`worker` as a reachable manager's engine says (`docker node ls`)."""
+        candidates = [via] if via is not None else [n.index for n in self.nodes]
+        for i in candidates:
+            res = self.node(i).cli("node", "ls", "--format", "{{.Hostname}} {{.ManagerStatus}}", check=False,
+                                   timeout=20)
+            if res.returncode == 0:
+                out: dict[str, str] = {}
+                for line in res.stdout.splitlines():
+                    parts = line.split()
+                    if parts:
+                        out[parts[0]] = "manager" if len(parts) > 1 else "worker"
+                return out
+        raise SwarmError("no manager answered `docker node ls`")
+
+    def wait_roles(self, want: dict[str, str], deadline: float) -> None:
+        _wait_for(lambda: all(self.roles().get(k) == v for k, v in want.items()), deadline,
+                  f"roles {want} not reached")
+
+    def leader(self) -> SwarmNode:
+        """The node whose engine is the Raft leader now."""
+        for node in self.nodes:
+            res = node.cli("node", "ls", "--format", "{{.Hostname}} {{.ManagerStatus}}", check=False, timeout=20)
+            if res.returncode == 0:
+                for line in res.stdout.splitlines():
+                    parts = line.split()
+                    if len(parts) > 1 and parts[1] == "Leader":
+                        return next(n for n in self.nodes if n.name == parts[0])
+        raise SwarmError("no leader found")
+
     # ------------------------------------------------------------------ faults
 
     def link_down(self, i: int) -> None:
@@ -662,6 +701,29 @@ class SwarmCluster:
 
     def link_up(self, i: int) -> None:
         sh(["ip", "link", "set", self.node(i).veth, "up"])
+
+    def split(self, group: list[int]) -> None:
+        """Partition the cluster: the nodes of `group` and the others no longer reach each other (both
+        ways), while each side stays whole. The rules live in the nodes' own namespaces (gone with them)."""
+        others = [n.index for n in self.nodes if n.index not in group]
+        for a in group:
+            for b in others:
+                for x, y in ((a, b), (b, a)):
+                    self._cut(x, y, "-I")
+                    self._cuts.append((x, y))
+
+    def heal(self) -> None:
+        """Remove every cut made by split()."""
+        cuts, self._cuts = self._cuts, []
+        for x, y in cuts:
+            self._cut(x, y, "-D")
+
+    def _cut(self, x: int, y: int, action: str) -> None:
+        """In node x's namespace, drop what arrives from node y. Only on arrival, as a real partition does:
+        a DROP on the sender's OUTPUT fails its send locally (EPERM), which memberlist takes for its own
+        fault and then never suspects the other node."""
+        sh(["ip", "netns", "exec", self.node(x).netns, "iptables", "-w", "30", action, "INPUT", "-s",
+            self.node(y).ip, "-j", "DROP"])
 
 
 # ---------------------------------------------------------------------- helpers
@@ -893,7 +955,7 @@ def root_can_connect(ip: str, port: int, timeout: float = 1.0) -> bool:
 
 
 def _cmd_up(args: argparse.Namespace) -> int:
-    cluster = SwarmCluster(args.state_dir, nodes=args.nodes)
+    cluster = SwarmCluster(args.state_dir, nodes=args.nodes, managers=args.managers)
 
     def on_term(signum: int, frame: object) -> None:
         raise KeyboardInterrupt
@@ -947,6 +1009,7 @@ def main(argv: list[str] | None = None) -> int:
     sub = parser.add_subparsers(dest="command", required=True)
     up = sub.add_parser("up", help="build the namespace Swarm (and optionally start the agents)")
     up.add_argument("--nodes", type=int, default=3)
+    up.add_argument("--managers", type=int, default=1, help="nodes 1..N are managers (default 1)")
     up.add_argument("--agents", action="store_true", help="also start an agent per node and wait for them")
     up.add_argument("--agent-timeout", type=float, default=90.0)
     up.add_argument("--state-dir", default=".swarm")

@@ -10,9 +10,10 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from typing import Any
 
-from agent.cluster.serf import SerfMembership, resolve_join_addresses
+from agent.cluster.serf import TAG_NODE_ID, TAG_STARTED, SerfMembership, resolve_join_addresses
 from agent.config import Config
 from agent.engine import EngineInfo
 from agent.errors import Code, log_failure
@@ -57,6 +58,8 @@ async def start_membership(config: Config, info: EngineInfo, advertise: str,
         probe_timeout=config.cluster_probe_timeout,
         probe_interval=config.cluster_probe_interval,
         serf_binary=config.serf_binary,
+        reconnect_timeout=config.serf_reconnect_timeout,
+        extra_tags={TAG_NODE_ID: info.node_id, TAG_STARTED: str(time.time_ns())},
     )
     await membership.start()
     try:

@@ -22,6 +22,11 @@ class Member:
     is_leader: bool = False
     edge_key_set: bool = False
     engine_status: str = "swarm"
+    node_id: str = ""
+    """The Swarm node ID (a Keelson tag; empty for a Go agent)."""
+    started: int = 0
+    """When this agent started (ns since the epoch, a Keelson tag): of two members of one node, the newest
+    is the live one (a restarted agent's dead twin lingers in Serf until it is reaped)."""
 
     @property
     def is_manager(self) -> bool:

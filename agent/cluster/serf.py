@@ -14,6 +14,7 @@ import json
 import logging
 import math
 import os
+import secrets
 import shutil
 import socket
 import tempfile
@@ -34,13 +35,14 @@ TAG_NODE_ROLE = "DockerNodeRole"
 TAG_ENGINE_STATUS = "DockerEngineStatus"
 TAG_IS_LEADER = "NodeIsLeader"
 TAG_EDGE_KEY_SET = "EdgeKeySet"
+TAG_NODE_ID = "KeelsonNodeID"
+TAG_STARTED = "KeelsonStarted"
 
 # serf 0.9.4 has no probe_timeout/probe_interval setting (flag or config key; unknown config keys are
 # fatal). Probe timing comes only from the timing profile, i.e. memberlist's Default{LAN,WAN,Local}Config:
 # name -> (probe_timeout, probe_interval) in seconds.
 SERF_PROFILES: dict[str, tuple[float, float]] = {"lan": (0.5, 1.0), "wan": (3.0, 5.0), "local": (0.2, 1.0)}
 RECONNECT_INTERVAL = "10s"
-RECONNECT_TIMEOUT = "1m"
 STARTUP_TIMEOUT = 15.0
 READY_TIMEOUT = 10.0
 REJOIN_TIMEOUT = 15.0
@@ -140,6 +142,8 @@ def member_from_serf(item: SerfMember) -> Member | None:
         is_leader=tags.get(TAG_IS_LEADER) == "1",
         edge_key_set=tags.get(TAG_EDGE_KEY_SET) == "set",
         engine_status=tags.get(TAG_ENGINE_STATUS, "swarm"),
+        node_id=tags.get(TAG_NODE_ID, ""),
+        started=int(started) if (started := tags.get(TAG_STARTED, "0")).isdigit() else 0,
     )
 
 
@@ -169,9 +173,14 @@ class SerfMembership:
         extra_tags: dict[str, str] | None = None,
         advertise_ip: str | None = None,
         hostname: str | None = None,
+        reconnect_timeout: float = 60.0,
     ) -> None:
+        self.reconnect_timeout = reconnect_timeout
         self.node_name = node_name
-        self.serf_node_name = f"{node_name}-{hostname or socket.gethostname()}"
+        # Go's name is <NodeName>-<hostname>. An agent restarted in place (same container, same hostname, maybe
+        # a new address) would then collide with its own dead twin, which Serf refuses until it is reaped:
+        # a suffix unique to this start keeps them apart, and members() picks the newest of a node.
+        self.serf_node_name = f"{node_name}-{hostname or socket.gethostname()}-{secrets.token_hex(3)}"
         self.bind_ip = bind_ip
         self.bind_port = bind_port
         self.advertise_ip = advertise_ip or bind_ip
@@ -231,27 +240,35 @@ class SerfMembership:
 
     def keep_joining(self, resolve: Callable[[], Awaitable[list[str]]], interval: float = 2.0,
                      max_interval: float = 15.0) -> None:
-        """While this node sees no other member, resolve and join again (backing off).
+        """Join again, for ever: every `interval` (backing off to `max_interval`) while this node is alone,
+        every `max_interval` otherwise, the addresses `resolve()` gives now (so that new tasks are found),
+        skipping the ones already alive.
 
-        Agents of a global service start together: the first joins may find nobody listening yet, and the Go
-        agent then stays a cluster of one. Retrying while alone (re-resolving, so new tasks are found) heals it.
+        Agents of a global service start together, and the first joins may find nobody listening (the Go
+        agent then stays a cluster of one). A partition that outlasts Serf's reconnect window is not
+        merged by Serf itself: its members were reaped on both sides. Both heal here.
         """
 
         async def loop() -> None:
             delay = interval
             while not self._closing:
                 await asyncio.sleep(delay)
-                if any(m.node_name != self.node_name for m in self._members):
-                    delay = max_interval
-                    continue
+                alone = not any(m.node_name != self.node_name for m in self._members)
+                delay = min(delay * 2, max_interval) if alone else max_interval
                 try:
                     targets = await resolve()
                 except OSError as exc:
-                    log_failure(Code.CLUSTER_JOIN_FAILED, "cluster address lookup failed", error=exc)
+                    if alone:
+                        log_failure(Code.CLUSTER_JOIN_FAILED, "cluster address lookup failed", error=exc)
                     targets = []
-                if targets and await self.join(targets) > 0:
+                alive = {_host_port(m.addr, m.port) for m in self._known.values() if m.status == "alive"}
+                wanted = [t for t in dict.fromkeys(targets) if normalize_join_address(t) not in alive]
+                if not wanted:
+                    continue
+                joined = await self.join(wanted)
+                if joined > 0 and alone:
                     log.info("joined the cluster on retry: node=%s", self.node_name)
-                delay = min(delay * 2, max_interval)
+                    delay = max_interval
 
         if self._joiner is None:
             self._joiner = supervise(loop, f"serf-joiner-{self.node_name}")
@@ -329,7 +346,7 @@ class SerfMembership:
             return 0
         try:
             joined = await rpc.join(targets)
-        except SerfRPCError as exc:
+        except (SerfRPCError, TimeoutError) as exc:
             log_failure(Code.CLUSTER_JOIN_FAILED, "serf join failed", addrs=targets, error=str(exc).strip())
             return 0
         await self._refresh(rpc)
@@ -343,7 +360,9 @@ class SerfMembership:
         config = {
             "profile": self.profile,
             "reconnect_interval": RECONNECT_INTERVAL,
-            "reconnect_timeout": RECONNECT_TIMEOUT,
+            # how long a failed member is retried before it is reaped (Go: 1m); a partition that lasts
+            # longer is merged again by keep_joining
+            "reconnect_timeout": f"{max(1, round(self.reconnect_timeout))}s",
         }
         with open(self._config_path, "w", encoding="utf-8") as fh:
             json.dump(config, fh)
@@ -552,19 +571,28 @@ class SerfMembership:
         self._known = {m.name: m for m in snapshot}
         self._publish()
 
+    def failed_nodes(self) -> list[str]:
+        """Node names whose agent Serf reports failed (and that have no live agent): skipped by fan-outs."""
+        alive = {m.node_name for m in self._members}
+        names = {member.node_name for item in self._known.values() if item.status == "failed"
+                 if (member := member_from_serf(item)) is not None}
+        return sorted(names - alive)
+
     def _publish(self) -> None:
-        """Recompute the alive list; tell listeners only when it changed."""
-        members: list[Member] = []
-        seen: set[str] = set()
+        """Recompute the alive list, one member per node name: the newest live agent of that node wins
+        (its start tag, then its serf name, never merely the sort order); tell listeners when it changed."""
+        newest: dict[str, Member] = {}
         for name in sorted(self._known):
             item = self._known[name]
             if item.status != "alive":
                 continue
             member = member_from_serf(item)
-            if member is None or member.node_name in seen:
+            if member is None:
                 continue
-            seen.add(member.node_name)
-            members.append(member)
+            current = newest.get(member.node_name)
+            if current is None or member.started > current.started:
+                newest[member.node_name] = member
+        members = [newest[node] for node in sorted(newest)]
         if members == self._members:
             return
         self._members = members

@@ -187,7 +187,7 @@ def test_agent_plumbing_with_a_fake_agent(tmp_path: Path) -> None:
             env = rec["env"]
             assert env["DOCKER_HOST"] == f"unix://{node.socket}"
             assert env["AGENT_PORT"] == "9001"
-            assert env["AGENT_CLUSTER_ADDR"] == cluster.manager.ip
+            assert env["AGENT_CLUSTER_ADDR"] == ",".join(n.ip for n in cluster)  # like tasks.<service>
             assert env["KEELSON_ADVERTISE_ADDR"] == node.ip
             assert env["DATA_PATH"] == str(node.dir / "data")
             assert env["LOG_LEVEL"] == "DEBUG"

@@ -43,7 +43,8 @@ async def test_members_decode_own_node(node: SerfMembership, client: SerfRPCClie
     members = await client.members()
     assert len(members) == 1
     me = members[0]
-    assert (me.name, me.addr, me.port, me.status) == ("rpc-test", node.bind_ip, node.bind_port, "alive")
+    assert (me.name, me.addr, me.port, me.status) == (node.serf_node_name, node.bind_ip, node.bind_port, "alive")
+    assert me.name.startswith("rpc-test-")
     assert me.tags["Extra"] == "x" and me.tags["NodeName"] == "rpc"
 
 

@@ -164,3 +164,33 @@ def test_first_member_with_the_name_wins() -> None:
     dup = Member("w2", "10.9.9.9", 9001)
     r = route("GET", "/containers/abc/json", {HEADER_TARGET: "w2"}, members=[*ALL, dup])
     assert r.member == W2
+
+
+# --- manager operations that follow the Swarm ------------------------------------------------------------
+
+MA = Member("ma", "10.0.1.1", 9001, role="manager", node_id="IDA")
+MB = Member("mb", "10.0.1.2", 9001, role="manager", is_leader=True, node_id="IDB")
+MC = Member("mc", "10.0.1.3", 9001, role="manager", node_id="IDC")
+WX = Member("wx", "10.0.1.4", 9001, role="worker", node_id="IDX")
+WY = Member("wy", "10.0.1.5", 9001, role="worker", node_id="IDY")
+
+
+def test_manager_operation_tries_every_manager_leader_first() -> None:
+    r = decide("GET", "/services", {}, WX, [MA, MB, MC, WX, WY], True)
+    assert r.kind is Kind.PEER and [m.node_name for m in r.candidates] == ["mb", "ma", "mc"]
+    assert r.member == MB
+
+
+def test_the_engines_view_of_managers_beats_stale_tags() -> None:
+    # mc was demoted (its tag is stale), wy was promoted (its agent has not noticed yet)
+    r = decide("GET", "/nodes", {}, WX, [MA, MB, MC, WX, WY], True, engine_managers={"IDA", "IDB", "IDY"})
+    assert [m.node_name for m in r.candidates] == ["mb", "ma", "wy"]
+    # a Go agent (no node ID tag) is still taken by its tag
+    go = Member("go", "10.0.1.9", 9001, role="manager")
+    r = decide("GET", "/nodes", {}, WX, [go, WX], True, engine_managers={"IDA"})
+    assert [m.node_name for m in r.candidates] == ["go"]
+
+
+def test_no_manager_known_by_the_engine_is_the_go_error() -> None:
+    r = decide("GET", "/services", {}, WX, [MA, WX], True, engine_managers={"IDZ"})
+    assert (r.kind, r.message) == (Kind.ERROR, MSG_NO_MANAGER)
