@@ -1,10 +1,11 @@
 """`python -m bench` (run by `./dev.sh bench`): Keelson's benchmark suite.
 
-    python -m bench [--quick] [--only overhead,streaming,startup,profile,sim,fanout] [--results DIR]
+    python -m bench [--quick] [--only overhead,streaming,startup,profile,sim,fanout,recovery] [--results DIR]
                     [--compare-tree DIR]
 
 Scenarios: overhead (per-request, direct vs agent vs HAProxy), streaming (docker save / logs),
-fanout (real namespace Swarm), sim (50-200 simulated agents in one process), startup (start-up time, idle
+fanout (real namespace Swarm), recovery (time to recover from each cluster fault, 5 nodes / 3 managers),
+sim (50-200 simulated agents in one process), startup (start-up time, idle
 RSS), profile (py-spy on the agent under load). Every figure that matters is a ratio of two things measured
 in this same run. Results: DIR/latest.json, DIR/summary.md and PNG plots in DIR (default bench/results, or
 bench/results/quick with --quick). --compare-tree runs a second agent from another source tree (the code
@@ -32,7 +33,7 @@ from bench import plots, report
 from bench.common import REPO, RESULTS, Sizes, log, timed
 from tools.signer import Signer
 
-SCENARIOS = ("overhead", "streaming", "startup", "profile", "sim", "fanout")
+SCENARIOS = ("overhead", "streaming", "startup", "profile", "sim", "fanout", "recovery")
 ENGINE_SCENARIOS = {"overhead", "streaming", "startup", "profile"}
 CHEAPEST = "sim"  # no dockerd, no root: what the smoke test runs
 
@@ -168,7 +169,7 @@ def main(argv: list[str] | None = None) -> int:
     unknown = [s for s in wanted if s not in SCENARIOS]
     if unknown:
         parser.error(f"unknown scenario(s) {unknown}; choose from {SCENARIOS}")
-    needs_root = [s for s in wanted if s in ENGINE_SCENARIOS or s == "fanout"]
+    needs_root = [s for s in wanted if s in ENGINE_SCENARIOS or s in ("fanout", "recovery")]
     if needs_root and os.geteuid() != 0:
         parser.error(f"{needs_root} need root (private dockerd, network namespaces); run ./dev.sh bench")
     sizes = Sizes.small() if args.quick else Sizes()
@@ -219,6 +220,14 @@ def main(argv: list[str] | None = None) -> int:
                         "entry_agent_profile")
             except Exception as exc:
                 results["fanout"] = _failed("fanout", exc)
+        if "recovery" in wanted:
+            from bench import recovery
+
+            try:
+                with timed(timings, "recovery_s"):
+                    results["recovery"] = recovery.run(Path(f"/tmp/kls-bench-recovery-{os.getpid()}"))
+            except Exception as exc:
+                results["recovery"] = _failed("recovery", exc)
     except KeyboardInterrupt:
         log("interrupted: everything started was stopped; partial results written")
         results["interrupted"] = True

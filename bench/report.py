@@ -97,6 +97,20 @@ def markdown(results: dict[str, Any]) -> str:
                          f"{bh['max_ms_with_node_left_out']} ms, extra over healthy {bh['extra_ms_over_healthy']} ms "
                          f"= {bh['extra/deadline']} x deadline.")
         lines.append("")
+    rc = results.get("recovery")
+    if isinstance(rc, dict) and "split_merged_after_heal_s" in rc:
+        lines.append(f"Recovery, {rc['nodes']} nodes / {rc['managers']} managers (seconds): a promotion seen by "
+                     f"every agent {rc['promotion_seen_by_all_s']}, a demotion {rc['demotion_seen_by_all_s']}; "
+                     f"leader's agent killed: manager operations through a worker "
+                     f"{rc['leader_agent_killed_manager_op_s']}, dropped from /agents "
+                     f"{rc['leader_agent_killed_dropped_s']}, restarted and listed again "
+                     f"{rc['agent_restarted_listed_s']}; leader's node cut off: first listing "
+                     f"{rc['cut_first_listing_s']} (names it: {rc['cut_first_listing_names_it']}), second "
+                     f"{rc['cut_second_listing_s']} (skips it: {rc['cut_second_listing_skips_it']}), manager "
+                     f"operations back {rc['cut_manager_op_back_since_cut_s']} after the cut, every agent listed "
+                     f"again {rc['cut_healed_all_listed_s']} after the repair; 2+3 split: sides apart "
+                     f"{rc['split_sides_apart_s']}, one cluster {rc['split_merged_after_heal_s']} after the heal.")
+        lines.append("")
     sm = results.get("sim")
     if isinstance(sm, dict) and "rows" in sm:
         lines.append("| simulated nodes | fan-out p50 ms | per node ms | direct fetch of all p50 ms | "
