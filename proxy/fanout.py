@@ -8,9 +8,11 @@ volumes `Warnings`); only when no node answers is the request an error.
 from __future__ import annotations
 
 import asyncio
+import io
 import json
+import tempfile
 from dataclasses import dataclass, field
-from typing import Any
+from typing import IO, Any
 
 import aiohttp
 import orjson
@@ -77,24 +79,57 @@ def parse_node_body(node: str, status: int, body: bytes, volumes: bool) -> NodeA
     return NodeAnswer(node, items=data)
 
 
-def merge(answers: list[NodeAnswer], volumes: bool) -> tuple[Any, dict[str, str]]:
-    """Concatenate in member order, decorate each item with its node, collect failures (pure)."""
-    items: list[Any] = []
-    warnings: list[str] = []
-    failed: dict[str, str] = {}
-    for answer in answers:
+class MergedListing:
+    """The merged answer, written node by node as the answers arrive, then each node's items dropped: the
+    memory of a fan-out is bounded by the largest node's answer, not by the cluster's.
+
+    Items are decorated with their node (`Portainer.Agent.NodeName`, replacing any such key, as Go does)
+    and appear in the order the nodes answered (Go's order too). The bytes go to `out` (a spool)."""
+
+    def __init__(self, volumes: bool, out: IO[bytes]) -> None:
+        self.volumes = volumes
+        self.out = out
+        self.size = 0
+        self.failed: dict[str, str] = {}
+        self.warnings: list[str] = []
+        self._empty = True
+        self._write(b'{"Volumes":[' if volumes else b"[")
+
+    def _write(self, data: bytes) -> None:
+        self.out.write(data)
+        self.size += len(data)
+
+    def add(self, answer: NodeAnswer) -> None:
         if answer.error is not None:
-            failed[answer.node] = answer.error
-            continue
+            self.failed[answer.node] = answer.error
+            return
+        decoration = {"Agent": {"NodeName": answer.node}}
         for item in answer.items:
             if isinstance(item, dict):
-                item["Portainer"] = {"Agent": {"NodeName": answer.node}}
-            items.append(item)
-        warnings.extend(answer.warnings)
-    if volumes:
-        warnings.extend(f"node {node} did not answer: {reason}" for node, reason in failed.items())
-        return {"Volumes": items, "Warnings": warnings or None}, failed
-    return items, failed
+                item["Portainer"] = decoration
+        if answer.items:
+            inner = dumps(answer.items)[1:-1]  # one serialisation per node; its brackets dropped
+            self._write(inner if self._empty else b"," + inner)
+            self._empty = False
+        self.warnings.extend(answer.warnings)
+        answer.items = []  # written: this node's objects can go
+
+    def finish(self) -> None:
+        if not self.volumes:
+            self._write(b"]")
+            return
+        warnings = self.warnings + [f"node {n} did not answer: {r}" for n, r in self.failed.items()]
+        self._write(b'],"Warnings":' + dumps(warnings or None) + b"}")
+
+
+def merge(answers: list[NodeAnswer], volumes: bool) -> tuple[Any, dict[str, str]]:
+    """Concatenate in the given order, decorate each item with its node, collect failures (pure)."""
+    out = io.BytesIO()
+    listing = MergedListing(volumes, out)
+    for answer in answers:
+        listing.add(answer)
+    listing.finish()
+    return loads(out.getvalue()), listing.failed
 
 
 async def reachable(ip: str, port: int, timeout: float) -> bool:
@@ -108,8 +143,15 @@ async def reachable(ip: str, port: int, timeout: float) -> bool:
     return True
 
 
+BODIES_AT_ONCE = 4
+"""Node answers read and being merged at one time: with the merged listing written as they come, a fan-out
+holds at most this many node answers, whatever the size of the cluster."""
+SPOOL_IN_MEMORY = 4 * 2**20
+"""The merged listing stays in memory up to this size, then goes to a temporary file until it is sent."""
+
+
 async def _ask(request: web.Request, upstream: Upstream, path_qs: str, member: Member, body: bytes | None,
-               timeout: float, volumes: bool) -> NodeAnswer:
+               timeout: float, listing: MergedListing, gate: asyncio.Semaphore) -> NodeAnswer:
     headers = outgoing_headers(request, {HEADER_TARGET: member.node_name})
     headers["Host"] = upstream.host_header
     headers.pop("Content-Length", None)
@@ -118,8 +160,12 @@ async def _ask(request: web.Request, upstream: Upstream, path_qs: str, member: M
         async with upstream.session.request(
             request.method, upstream.base_url + path_qs, headers=headers, data=body, allow_redirects=False,
         ) as resp:
-            raw = await resp.read()
-            return parse_node_body(member.node_name, resp.status, raw, volumes)
+            async with gate:  # back-pressure: the others wait in their sockets, not in our memory
+                raw = await resp.read()
+                answer = parse_node_body(member.node_name, resp.status, raw, listing.volumes)
+                del raw
+                listing.add(answer)  # synchronous: a node's items are in the listing whole, or not at all
+                return answer
 
     task = spawn(call(), f"fanout-{member.node_name}", owned=True)
     try:
@@ -164,6 +210,8 @@ async def handle(request: web.Request, state: AgentState, target: Target, local_
         members.insert(0, me)
         if health is not None:
             health.forget({m.node_name for m in members})
+    listing = MergedListing(volumes, tempfile.SpooledTemporaryFile(max_size=SPOOL_IN_MEMORY))
+    gate = asyncio.Semaphore(BODIES_AT_ONCE)
     jobs = []
     for member in members:
         upstream: Upstream
@@ -175,11 +223,24 @@ async def handle(request: web.Request, state: AgentState, target: Target, local_
                 jobs.append(_skipped(member.node_name, reason))
                 continue
             upstream, path_qs = state.peers.upstream(member.ip, member.agent_port), target.as_sent
-        jobs.append(_ask(request, upstream, path_qs, member, body, state.config.fanout_timeout, volumes))
+        jobs.append(_ask(request, upstream, path_qs, member, body, state.config.fanout_timeout, listing, gate))
     if only is None:
         # the cluster already knows these agents failed: named, not waited for
         jobs += [_skipped(node, "skipped: the cluster reports its agent failed") for node in state.failed_nodes()]
-    answers = await asyncio.gather(*jobs)
+    try:
+        answers = await asyncio.gather(*jobs)
+        for answer in answers:
+            if answer.error is not None:  # skipped, late or unreachable (an answered node added itself)
+                listing.add(answer)
+        listing.finish()
+        return await _respond(request, state, listing, answers, members, me)
+    finally:
+        listing.out.close()
+
+
+async def _respond(request: web.Request, state: AgentState, listing: MergedListing, answers: list[NodeAnswer],
+                   members: list[Member], me: Member) -> web.StreamResponse:
+    health = state.health
     by_name = {m.node_name: m for m in members}
     for answer in answers:
         asked = by_name.get(answer.node)
@@ -189,7 +250,7 @@ async def handle(request: web.Request, state: AgentState, target: Target, local_
             health.failed(asked.node_name, asked.ip, asked.agent_port, answer.error or "down")
         else:
             health.answered(asked.node_name)
-    merged, failed = merge(list(answers), volumes)
+    failed = listing.failed
     for answer in answers:
         if answer.error is None or answer.skipped:
             continue
@@ -200,4 +261,11 @@ async def handle(request: web.Request, state: AgentState, target: Target, local_
     if failed and len(failed) == len(answers):
         return json_error(502, "No node of the cluster answered: " + "; ".join(
             f"{n}: {r}" for n, r in failed.items()), Code.FANOUT_ALL_FAILED, headers=headers)
-    return web.Response(body=dumps(merged), headers=headers, content_type="application/json")
+    response = web.StreamResponse(headers={**headers, "Content-Type": "application/json"})
+    response.content_length = listing.size
+    await response.prepare(request)
+    listing.out.seek(0)
+    while chunk := listing.out.read(2**16):
+        await response.write(chunk)
+    await response.write_eof()
+    return response
