@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Keelson developer entry point. Run as root on Debian (bookworm); installs whatever is missing.
 #   ./dev.sh local            run one agent on the local engine (a private dockerd is started if none answers)
-#   ./dev.sh test [ARGS]      ruff, mypy and the whole pytest suite (ARGS go to pytest)
+#   ./dev.sh test [ARGS]      ruff, mypy, import-linter and the whole pytest suite (ARGS go to pytest)
 #   ./dev.sh swarm up|down    a real 3-node Swarm in network namespaces, with an agent per node
 #   ./dev.sh swarm deploy     the agent image as a global stack (docker-compose.swarm.yml) on that Swarm
 #   ./dev.sh image            build the agent image offline (local Debian base); saved in .local/image/
@@ -126,6 +126,8 @@ cmd_test() {
     "$VENV/bin/ruff" check .
     log "mypy"
     "$VENV/bin/mypy"
+    log "import-linter (layers, pyproject.toml [tool.importlinter])"
+    "$VENV/bin/lint-imports"
     log "pytest"
     local rc=0
     "$PY" -m pytest -q -p no:cacheprovider "$@" || rc=$?

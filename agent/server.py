@@ -18,13 +18,13 @@ from agent.api.dockerhub import DOCKERHUB_AUTH_URL, DOCKERHUB_REGISTRY_URL, dock
 from agent.api.host import host_info
 from agent.api.key import handle_key
 from agent.api.websocket import handle_websocket
-from agent.appkeys import DOCKER, STATE
+from agent.appkeys import DOCKER, HOST_ROOT_KEY, STATE
 from agent.auth import HEADER_PUBLIC_KEY, HEADER_SIGNATURE, MSG_INVALID, MSG_MISSING, Verdict
 from agent.cluster.membership import Member, find_member
 from agent.errors import Code, json_error
 from agent.metrics import CONTENT_TYPE
 from agent.state import AgentState
-from browse.handlers import HOST_ROOT_KEY, handle_browse
+from browse.handlers import handle_browse
 from proxy import fanout
 from proxy.forward import UpstreamUnreachable, relay
 from proxy.routing import HEADER_TARGET, MSG_NO_MANAGER, Api, ApiRoute, Kind, classify, decide

@@ -28,7 +28,7 @@ from aiohttp import web
 from aiohttp.abc import AbstractStreamWriter
 from aiohttp.multipart import BodyPartReader
 
-from agent.appkeys import DOCKER
+from agent.appkeys import DEFAULT_HOST_ROOT, DOCKER, HOST_ROOT_KEY
 from agent.bodylimit import BodyTooLarge, read_bounded, too_large
 from agent.errors import Code, json_error
 from browse import fsops
@@ -43,11 +43,9 @@ from browse.paths import (
     validate_volume_name,
 )
 
-HOST_ROOT_KEY: web.AppKey[str] = web.AppKey("browse_host_root", str)
 """Where the host's `/` is visible to the agent (default `/host`, as the Go agent's HostRoot); `/` when the
 agent runs on the host itself."""
 
-DEFAULT_HOST_ROOT = "/host"
 UPLOAD_CHUNK = 256 * 1024
 MAX_FIELD = 64 * 1024
 """Largest `Path` form value read into memory."""

@@ -12,7 +12,7 @@ import io
 import json
 import tempfile
 from dataclasses import dataclass, field
-from typing import IO, Any
+from typing import IO, Any, Protocol
 
 import aiohttp
 import orjson
@@ -21,14 +21,39 @@ from aiohttp import web
 from agent.bodylimit import BodyTooLarge, read_bounded, too_large
 from agent.cluster.membership import Member
 from agent.errors import Code, json_error, log_failure
-from agent.state import AgentState
+from agent.metrics import Metrics
 from agent.tasks import spawn
 from proxy.forward import outgoing_headers
+from proxy.health import PeerHealth
 from proxy.routing import HEADER_TARGET
 from proxy.target import Target
-from proxy.upstream import PeerUpstream, Upstream
+from proxy.upstream import EngineUpstream, PeerPool, PeerUpstream, Upstream
 
 HEADER_FAILED_NODES = "X-Keelson-Failed-Nodes"
+
+
+class FanoutConfig(Protocol):
+    @property
+    def fanout_timeout(self) -> float: ...
+
+
+class Cluster(Protocol):
+    """What a fan-out needs of the running agent (the assembly's AgentState has it): who is asked, how."""
+
+    @property
+    def self_member(self) -> Member: ...
+    @property
+    def engine(self) -> EngineUpstream: ...
+    @property
+    def peers(self) -> PeerPool: ...
+    @property
+    def health(self) -> PeerHealth | None: ...
+    @property
+    def metrics(self) -> Metrics: ...
+    @property
+    def config(self) -> FanoutConfig: ...
+    def members(self) -> list[Member]: ...
+    def failed_nodes(self) -> list[str]: ...
 
 
 def loads(body: bytes) -> Any:
@@ -192,7 +217,7 @@ async def _skipped(node: str, reason: str) -> NodeAnswer:
     return NodeAnswer(node, error=reason, skipped=True)
 
 
-async def handle(request: web.Request, state: AgentState, target: Target, local_path: str,
+async def handle(request: web.Request, state: Cluster, target: Target, local_path: str,
                  only: Member | None = None) -> web.StreamResponse:
     """Ask every member (or `only` that one) and merge. This node's engine gets `local_path` (the caller's
     version adapted to it); peers get the caller's own version and adapt it for their engines."""
@@ -238,7 +263,7 @@ async def handle(request: web.Request, state: AgentState, target: Target, local_
         listing.out.close()
 
 
-async def _respond(request: web.Request, state: AgentState, listing: MergedListing, answers: list[NodeAnswer],
+async def _respond(request: web.Request, state: Cluster, listing: MergedListing, answers: list[NodeAnswer],
                    members: list[Member], me: Member) -> web.StreamResponse:
     health = state.health
     by_name = {m.node_name: m for m in members}

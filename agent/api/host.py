@@ -22,8 +22,8 @@ from typing import Any
 
 from aiohttp import web
 
+from agent.appkeys import DEFAULT_HOST_ROOT, HOST_ROOT_KEY
 from agent.errors import Code, json_error
-from browse.handlers import DEFAULT_HOST_ROOT, HOST_ROOT_KEY
 
 UNKNOWN = "unknown"
 SECTOR_SIZE = 512

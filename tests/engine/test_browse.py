@@ -15,9 +15,9 @@ import pytest
 from aiohttp import FormData, web
 from aiohttp.test_utils import TestClient
 
-from agent.appkeys import DOCKER
+from agent.appkeys import DOCKER, HOST_ROOT_KEY
 from browse.fsops import TEMP_PREFIX
-from browse.handlers import HOST_ROOT_KEY, handle_browse
+from browse.handlers import handle_browse
 from tools.dockerd import PrivateDockerd
 
 pytestmark = pytest.mark.engine

@@ -15,7 +15,7 @@ from aiohttp.test_utils import TestClient, TestServer
 
 from agent.api.dockerhub import DOCKERHUB_AUTH_URL, DOCKERHUB_REGISTRY_URL, dockerhub_status
 from agent.api.host import host_info
-from browse.handlers import HOST_ROOT_KEY
+from agent.appkeys import HOST_ROOT_KEY
 from tests.hub_standin import HubStandIn
 
 Client = TestClient[Any, Any]
