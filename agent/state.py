@@ -53,11 +53,6 @@ class AgentState:
     def members(self) -> list[Member]:
         return self.membership.members()
 
-    def failed_nodes(self) -> list[str]:
-        """Node names whose agent the membership reports failed (empty when it cannot tell)."""
-        failed = getattr(self.membership, "failed_nodes", None)
-        return list(failed()) if failed is not None else []
-
     def swarm_changed(self, info: EngineInfo, managers: frozenset[str]) -> None:
         """The engine's current role, leader flag and manager set (agent/swarmwatch.py)."""
         self.info = info

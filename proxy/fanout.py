@@ -53,7 +53,6 @@ class Cluster(Protocol):
     @property
     def config(self) -> FanoutConfig: ...
     def members(self) -> list[Member]: ...
-    def failed_nodes(self) -> list[str]: ...
 
 
 def loads(body: bytes) -> Any:
@@ -249,9 +248,6 @@ async def handle(request: web.Request, state: Cluster, target: Target, local_pat
                 continue
             upstream, path_qs = state.peers.upstream(member.ip, member.agent_port), target.as_sent
         jobs.append(_ask(request, upstream, path_qs, member, body, state.config.fanout_timeout, listing, gate))
-    if only is None:
-        # the cluster already knows these agents failed: named, not waited for
-        jobs += [_skipped(node, "skipped: the cluster reports its agent failed") for node in state.failed_nodes()]
     try:
         answers = await asyncio.gather(*jobs)
         for answer in answers:

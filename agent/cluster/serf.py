@@ -571,13 +571,6 @@ class SerfMembership:
         self._known = {m.name: m for m in snapshot}
         self._publish()
 
-    def failed_nodes(self) -> list[str]:
-        """Node names whose agent Serf reports failed (and that have no live agent): skipped by fan-outs."""
-        alive = {m.node_name for m in self._members}
-        names = {member.node_name for item in self._known.values() if item.status == "failed"
-                 if (member := member_from_serf(item)) is not None}
-        return sorted(names - alive)
-
     def _publish(self) -> None:
         """Recompute the alive list, one member per node name: the newest live agent of that node wins
         (its start tag, then its serf name, never merely the sort order); tell listeners when it changed."""

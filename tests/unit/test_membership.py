@@ -1,4 +1,4 @@
-"""One member per node name, the newest live agent winning; failed agents named for the fan-out (no serf)."""
+"""One member per node name, the newest live agent winning (no serf process: the member table only)."""
 
 from __future__ import annotations
 
@@ -26,10 +26,9 @@ def test_the_newest_live_agent_of_a_node_wins_whatever_the_names() -> None:
     assert [(x.node_name, x.ip) for x in m.members()] == [("n1", "10.0.0.1"), ("n2", "10.0.0.9")]
 
 
-def test_failed_agents_are_named_unless_the_node_has_a_live_one() -> None:
-    m = publish(serf_member("n2-old", "n2", "10.0.0.2", "failed", 100),
+def test_failed_and_left_agents_are_not_members() -> None:
+    m = publish(serf_member("n2-old", "n2", "10.0.0.2", "failed", 300),
                 serf_member("n2-new", "n2", "10.0.0.9", "alive", 200),
                 serf_member("n3-x", "n3", "10.0.0.3", "failed", 100),
                 serf_member("n4-x", "n4", "10.0.0.4", "left", 100))
-    assert m.failed_nodes() == ["n3"]
-    assert [x.node_name for x in m.members()] == ["n2"]
+    assert [(x.node_name, x.ip) for x in m.members()] == [("n2", "10.0.0.9")]
