@@ -14,7 +14,7 @@ from agent.config import Config, ConfigError, load_config
 from agent.logs import setup_logging
 from agent.runtime import run
 
-log = logging.getLogger("keelson")
+log = logging.getLogger(__name__)
 
 
 async def wait_for_certificate(config: Config, stop: asyncio.Event) -> bool:

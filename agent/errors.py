@@ -5,12 +5,13 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import sys
 import time
 from enum import StrEnum
 
 from aiohttp import web
 
-log = logging.getLogger("keelson")
+log = logging.getLogger(__name__)
 
 
 class Code(StrEnum):
@@ -105,13 +106,16 @@ REFUSALS = frozenset({
 """Answers to what a client sent (anyone can send a lot of them): summarised, not one line each."""
 
 
-def log_failure(code: Code, message: str, **fields: object) -> None:
-    """One line per failure (the code first, then the message and key=value context); refusals of a
-    client's request are summarised when the same code repeats within SUMMARY_INTERVAL."""
+def log_failure(code: Code, message: str, _depth: int = 1, **fields: object) -> None:
+    """One line per failure (the code first, then the message and key=value context), under the logger of
+    the module that failed (so one module's logs can be turned up); refusals of a client's request are
+    summarised when the same code repeats within SUMMARY_INTERVAL."""
     extra = " ".join(f"{k}={v!r}" for k, v in fields.items())
     line = f"{message}{f' {extra}' if extra else ''}"
     if code not in REFUSALS or _summary.note(code.value, line):
-        log.warning("%s %s", code.value, line)
+        # the caller's module, as logging itself finds callers (a frame walk, no traceback)
+        caller = sys._getframe(_depth).f_globals.get("__name__", __name__)
+        logging.getLogger(caller).warning("%s %s", code.value, line)
 
 
 def json_error(
@@ -124,7 +128,7 @@ def json_error(
 ) -> web.Response:
     """A Docker-style error response (``{"message": ...}``), logged once when a code is given."""
     if code is not None:
-        log_failure(code, message, status=status, **fields)
+        log_failure(code, message, _depth=2, status=status, **fields)
     body: dict[str, str] = {"message": message}
     if details is not None:
         body["details"] = details

@@ -32,7 +32,7 @@ from agent.tlsproto import server_protocol_factory
 from proxy.health import PeerHealth
 from proxy.upstream import EngineUpstream, PeerPool
 
-log = logging.getLogger("keelson")
+log = logging.getLogger(__name__)
 SHUTDOWN_GRACE = 0.5
 
 

@@ -22,7 +22,7 @@ from agent.cluster.membership import Membership
 from agent.cluster.serf import TAG_IS_LEADER, TAG_NODE_ROLE
 from agent.engine import EngineInfo, read_engine_info
 
-log = logging.getLogger("keelson.cluster")
+log = logging.getLogger(__name__)
 SWARM_CHECK_INTERVAL = 2.0
 
 

@@ -22,7 +22,7 @@ from agent.errors import Code, log_failure
 from agent.tasks import supervise
 from edge.client import PollError, PollResponse, PortainerClient
 
-log = logging.getLogger("keelson.edge.poll")
+log = logging.getLogger(__name__)
 
 MIN_HTTP_TIMEOUT = 5.0
 

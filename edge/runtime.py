@@ -44,7 +44,7 @@ from edge.tunnel.base import ReverseTunnel, TunnelConfig
 from edge.tunnels import TunnelManager
 from edge.ui import AssociationUI, KeyAlreadySetError
 
-log = logging.getLogger("keelson.edge")
+log = logging.getLogger(__name__)
 
 KEY_FILE = "agent_edge_key"
 TAG_EDGE_KEY_SET = "EdgeKeySet"

@@ -38,7 +38,7 @@ from agent.errors import Code, log_failure
 from agent.tasks import spawn
 from edge.client import Schedule
 
-log = logging.getLogger("keelson.edge.jobs")
+log = logging.getLogger(__name__)
 
 JOB_LABEL = "io.keelson.edge-job"
 SCRIPT_DIR = "/portainer_job"

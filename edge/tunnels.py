@@ -29,7 +29,7 @@ from edge.client import STATUS_IDLE, STATUS_REQUIRED
 from edge.credentials import CredentialsError, decrypt_credentials
 from edge.tunnel.base import FingerprintMismatchError, ReverseTunnel, TunnelConfig, TunnelError
 
-log = logging.getLogger("keelson.edge.tunnel")
+log = logging.getLogger(__name__)
 
 TunnelFactory = Callable[[TunnelConfig], ReverseTunnel]
 MAX_CHECK_INTERVAL = 30.0

@@ -19,7 +19,7 @@ from aiohttp import web
 from agent.tasks import spawn
 from edge.key import EdgeKeyError
 
-log = logging.getLogger("keelson.edge.ui")
+log = logging.getLogger(__name__)
 
 KeyConsumer = Callable[[str], Awaitable[None]]
 """Takes the pasted key; raises EdgeKeyError (shown to the person) or KeyAlreadySetError."""

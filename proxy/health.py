@@ -15,7 +15,7 @@ from dataclasses import dataclass
 
 from agent.tasks import spawn
 
-log = logging.getLogger("keelson.fanout")
+log = logging.getLogger(__name__)
 
 Probe = Callable[[str, int], Awaitable[bool]]
 """(ip, agent port) -> whether the agent answered its ping."""

@@ -20,7 +20,7 @@ from agent.tls import docker_client_context, peer_client_context
 from agent.tlsproto import open_tls_connection
 from proxy.target import ApiRange
 
-log = logging.getLogger("keelson")
+log = logging.getLogger(__name__)
 
 FORWARD_SKIP_AUTO_HEADERS = ("User-Agent", "Accept", "Accept-Encoding", "Content-Type")
 """aiohttp's client adds these when the request lacks them; a relayed request carries the caller's only."""

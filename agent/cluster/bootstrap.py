@@ -18,7 +18,7 @@ from agent.config import Config
 from agent.engine import EngineInfo
 from agent.errors import Code, log_failure
 
-log = logging.getLogger("keelson.cluster")
+log = logging.getLogger(__name__)
 SERVICE_LABEL = "com.docker.swarm.service.name"
 
 

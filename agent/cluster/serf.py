@@ -26,7 +26,7 @@ from agent.cluster.serf_rpc import Record, SerfMember, SerfRPCClient, SerfRPCErr
 from agent.errors import Code, log_failure
 from agent.tasks import spawn, supervise
 
-log = logging.getLogger("keelson.cluster.serf")
+log = logging.getLogger(__name__)
 
 DEFAULT_SERF_PORT = 7946
 TAG_AGENT_PORT = "AgentPort"

@@ -18,7 +18,7 @@ import msgpack
 
 from agent.tasks import spawn
 
-log = logging.getLogger("keelson.cluster.serf_rpc")
+log = logging.getLogger(__name__)
 
 MEMBER_EVENTS = "member-join,member-leave,member-failed,member-update,member-reap"
 

@@ -51,7 +51,7 @@ from edge.tunnel.base import TunnelConfig, TunnelConnectError, TunnelRefusedErro
 from edge.tunnel.sshbase import HostKeyChecker, SSHConnectionTunnel, client_options
 from edge.tunnel.websocket import WebSocketTransport
 
-log = logging.getLogger("keelson.edge.tunnel")
+log = logging.getLogger(__name__)
 
 CHISEL_PROTOCOL = "chisel-v3"
 CLIENT_VERSION = "keelson"

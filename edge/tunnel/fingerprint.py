@@ -15,7 +15,7 @@ import hmac
 import logging
 import re
 
-log = logging.getLogger("keelson.edge.tunnel")
+log = logging.getLogger(__name__)
 
 _MD5 = re.compile(r"^[0-9a-f]{2}(?::[0-9a-f]{2}){15}$")
 

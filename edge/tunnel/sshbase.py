@@ -32,7 +32,7 @@ from edge.tunnel.fingerprint import (
     validate_fingerprint,
 )
 
-log = logging.getLogger("keelson.edge.tunnel")
+log = logging.getLogger(__name__)
 
 
 class HostKeyChecker(asyncssh.SSHClient):

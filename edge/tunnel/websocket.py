@@ -17,7 +17,7 @@ from aiohttp import web
 
 from agent.tasks import spawn
 
-log = logging.getLogger("keelson.edge.tunnel")
+log = logging.getLogger(__name__)
 
 MAX_FRAME = 256 * 1024
 """Largest message we send; receivers commonly cap messages (aiohttp's default limit is 4 MiB)."""
