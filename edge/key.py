@@ -32,6 +32,10 @@ class EdgeKeyError(ValueError):
     """A malformed Edge key; the message names the part that is wrong."""
 
 
+class KeyAlreadySetError(Exception):
+    """Another way (environment, cluster, POST /key) set the key first."""
+
+
 @dataclass(frozen=True)
 class EdgeKey:
     """The four parts of an Edge key, plus derived views of the tunnel address."""

@@ -36,13 +36,13 @@ from agent.errors import Code, log_failure
 from agent.state import AgentState
 from agent.tasks import spawn
 from edge.client import PollResponse, PortainerClient, TlsFiles
-from edge.key import EdgeKey, EdgeKeyError, parse_edge_key, read_key_file, write_key_file
+from edge.key import EdgeKey, EdgeKeyError, KeyAlreadySetError, parse_edge_key, read_key_file, write_key_file
 from edge.options import EdgeOptions
 from edge.poller import Poller
 from edge.schedules import ContainerJobRunner, Scheduler
 from edge.tunnel.base import ReverseTunnel, TunnelConfig
-from edge.tunnels import TunnelManager
-from edge.ui import AssociationUI, KeyAlreadySetError
+from edge.tunnel.manager import TunnelManager
+from edge.ui import AssociationUI
 
 log = logging.getLogger(__name__)
 

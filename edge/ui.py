@@ -17,7 +17,7 @@ from collections.abc import Awaitable, Callable
 from aiohttp import web
 
 from agent.tasks import spawn
-from edge.key import EdgeKeyError
+from edge.key import EdgeKeyError, KeyAlreadySetError
 
 log = logging.getLogger(__name__)
 
@@ -61,8 +61,6 @@ _FORM = """<p>Paste the Edge key that Portainer shows for this environment.</p>
 </form>"""
 
 
-class KeyAlreadySetError(Exception):
-    """Another way (environment, cluster, POST /key) set the key first."""
 
 
 def render(content: str) -> str:

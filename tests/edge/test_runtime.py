@@ -18,9 +18,9 @@ from aiohttp import web
 from agent.cluster.membership import Member, StaticMembership
 from agent.config import Config
 from agent.engine import EngineInfo
-from edge.key import EdgeKeyError
+from edge.key import EdgeKeyError, KeyAlreadySetError
 from edge.runtime import EdgeRuntime
-from edge.ui import AssociationUI, KeyAlreadySetError
+from edge.ui import AssociationUI
 from tests.edge.conftest import eventually, free_port
 from tests.edge.portainer_standin import PortainerStandin, raw_b64
 

@@ -9,7 +9,7 @@ import pytest
 
 from edge.credentials import encrypt_credentials
 from edge.tunnel.base import FingerprintMismatchError, ReverseTunnel, TunnelConfig, TunnelConnectError
-from edge.tunnels import TunnelManager
+from edge.tunnel.manager import TunnelManager
 from tests.edge.conftest import eventually
 
 pytestmark = pytest.mark.edge
