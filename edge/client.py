@@ -164,12 +164,24 @@ def _error_text(status: int, body: bytes) -> str:
     return f"HTTP {status}" + (f": {snippet}" if snippet else "")
 
 
+def global_key_payload(edge_groups: tuple[int, ...], tags: tuple[int, ...], environment_group: int) -> bytes:
+    """The global-key request's body as the Go agent sends it (edge/client/portainer_edge_client.go): `{}`,
+    or, when EDGE_GROUPS, PORTAINER_TAGS or PORTAINER_GROUP is set, its meta fields (empty lists as null,
+    as Go marshals nil slices). CE's server ignores them; Business Edition's auto-onboarding uses them."""
+    if not (edge_groups or tags or environment_group):
+        return b"{}"
+    return json.dumps({"edgeGroupsIds": list(edge_groups) or None, "tagsIds": list(tags) or None,
+                       "environmentGroupId": environment_group}, separators=(",", ":")).encode()
+
+
 class PortainerClient:
     """One aiohttp session towards the Portainer instance of the Edge key."""
 
     def __init__(self, url: str, edge_id: str, endpoint_id: int, *, update_id: int = 0,
-                 tls: TlsFiles | None = None, timeout: float = DEFAULT_TIMEOUT) -> None:
+                 tls: TlsFiles | None = None, timeout: float = DEFAULT_TIMEOUT,
+                 edge_groups: tuple[int, ...] = (), tags: tuple[int, ...] = (), environment_group: int = 0) -> None:
         self.url = url.rstrip("/")
+        self.meta = global_key_payload(edge_groups, tags, environment_group)
         self.edge_id = edge_id
         self.endpoint_id = endpoint_id
         self.update_id = update_id
@@ -216,7 +228,7 @@ class PortainerClient:
         if not self.edge_id:
             raise PollError("EDGE_ID is not set: a global key cannot be resolved")
         headers = {HEADER_EDGE_ID: self.edge_id, "Content-Type": "application/json"}
-        async with self._http().post(f"{self.url}/api/endpoints/global-key", data=b"{}", headers=headers,
+        async with self._http().post(f"{self.url}/api/endpoints/global-key", data=self.meta, headers=headers,
                                      timeout=self._timeout()) as resp:
             body = await resp.content.read(MAX_BODY)
             if resp.status != 200:

@@ -337,6 +337,7 @@ class EdgeRuntime:
         self.client = PortainerClient(
             key.portainer_url, config.edge_id, key.endpoint_id, update_id=config.update_id,
             tls=TlsFiles(config.mtls_cert, config.mtls_key, config.mtls_ca, config.edge_insecure_poll),
+            edge_groups=config.edge_groups, tags=config.portainer_tags, environment_group=config.portainer_group,
         )
         if config.edge_tunnel:
             self.tunnels = TunnelManager(

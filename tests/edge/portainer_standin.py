@@ -165,6 +165,8 @@ class PortainerStandin:
         self.polls: list[PollRecord] = []
         self.logs: list[tuple[int, int, str]] = []
         self.global_key_requests: list[dict[str, str]] = []
+        self.global_key_bodies: list[bytes] = []
+        """CE ignores the body (endpoints/endpoint_create_global_key.go); kept to check what the agent sent."""
         self.port = 0
         self.tls = False
         self._runner: web.AppRunner | None = None
@@ -394,6 +396,7 @@ class PortainerStandin:
 
     async def _global_key(self, request: web.Request) -> web.Response:
         self.global_key_requests.append(dict(request.headers))
+        self.global_key_bodies.append(await request.read())
         edge_id = request.headers.get("X-PortainerAgent-EdgeID", "")
         if not edge_id:
             return http_error(400, "Invalid Edge ID", "the Edge ID cannot be empty")

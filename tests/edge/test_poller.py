@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import datetime
 import ipaddress
+import json
 import logging
 import ssl
 from collections.abc import AsyncIterator
@@ -67,7 +68,7 @@ async def test_poller_resolves_a_global_key_and_follows_checkin(portainer: Porta
     try:
         assert await poller._cycle() == 7.0  # the server's checkin becomes the interval
         assert client.endpoint_id == 4 and client.timeout == 7.0
-        assert len(portainer.global_key_requests) == 1
+        assert len(portainer.global_key_requests) == 1 and portainer.global_key_bodies == [b"{}"]
         assert portainer.polls_for(4)[0].status == 200 and seen[0].status == "IDLE"
         # A non-OK answer makes a global key ask for its endpoint id again (Go: SetEndpointID(0)).
         portainer.endpoints[4].edge_id = "another-agent"
@@ -215,3 +216,14 @@ async def test_insecure_poll_accepts_a_self_signed_server(pki: dict[str, str]) -
         assert await _poll(portainer.url, TlsFiles(insecure=True)) == "IDLE"
     finally:
         await portainer.stop()
+
+
+async def test_global_key_request_carries_the_onboarding_fields_as_go(portainer: PortainerStandin) -> None:
+    portainer.add_endpoint(5, edge_id=EDGE_ID, checked_in=True)
+    client = PortainerClient(portainer.url, EDGE_ID, 0, edge_groups=(1, 4), tags=(), environment_group=2)
+    try:
+        assert await client.global_key() == 5
+        assert json.loads(portainer.global_key_bodies[-1]) == {
+            "edgeGroupsIds": [1, 4], "tagsIds": None, "environmentGroupId": 2}
+    finally:
+        await client.close()
