@@ -180,9 +180,9 @@ async def run(config: Config, stop: asyncio.Event) -> int:
         await asyncio.gather(runner.cleanup(), *([edge.close()] if edge is not None else []))
         await state.close()  # stops the serf child and every background task: nothing is left running
         return 1
-    log.info("agent listening on %s://%s:%d (node %s, %s, advertise %s, engine %s)",
+    log.info("agent listening on %s://%s:%d (node %s, %s, advertise %s, engine %s, event loop %s)",
              "http" if edge is not None else "https", host, config.agent_port, state.info.node_name,
-             state.info.engine_status, state.advertise_addr, config.docker.url)
+             state.info.engine_status, state.advertise_addr, config.docker.url, type(loop).__module__)
     if edge is not None:
         await edge.start()
     guard = None
