@@ -25,13 +25,15 @@ FANOUT_DEADLINE = "2s"
 AGENT_ENV = {"KEELSON_FANOUT_TIMEOUT": FANOUT_DEADLINE}
 
 
-def wait_until(check: Callable[[], Any], timeout: float = 90.0, what: str = "condition") -> Any:
+def wait_until(check: Callable[[], Any], timeout: float = 90.0, what: str = "condition",
+               tolerate: tuple[type[Exception], ...] = (OSError, ValueError)) -> Any:
+    """Poll `check` until it returns something true; `tolerate` are errors taken for "not yet"."""
     deadline = time.monotonic() + timeout
     last: Any = None
     while time.monotonic() < deadline:
         try:
             last = check()
-        except (OSError, ValueError) as exc:
+        except tolerate as exc:
             last = exc
         else:
             if last:

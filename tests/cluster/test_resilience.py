@@ -15,6 +15,7 @@ from typing import Any
 import pytest
 
 from tests.cluster.conftest import require_swarm_prerequisites
+from tests.cluster.test_cluster import wait_until as cluster_wait_until
 from tools.swarm import SwarmCluster, sh
 
 AGENT_ENV = {
@@ -25,18 +26,8 @@ AGENT_ENV = {
 
 
 def wait_until(check: Callable[[], Any], timeout: float, what: str) -> Any:
-    deadline = time.monotonic() + timeout
-    last: Any = None
-    while time.monotonic() < deadline:
-        try:
-            last = check()
-        except (OSError, ValueError, AssertionError) as exc:
-            last = exc
-        else:
-            if last:
-                return last
-        time.sleep(0.5)
-    raise AssertionError(f"{what} not reached within {timeout}s (last: {last!r})")
+    # an agent that is being restarted or cut off answers with errors, or lists what it saw last
+    return cluster_wait_until(check, timeout, what, tolerate=(OSError, ValueError, AssertionError))
 
 
 @pytest.fixture(scope="module")
