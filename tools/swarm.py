@@ -52,6 +52,16 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
 from tools.dockerd import BUSYBOX, PrivateDockerd, new_run_id, run
+from tools.procs import (
+    alive,
+    cmdline,
+    cmdline_mentions,
+    pids_in_netns,
+    pids_mentioning,
+    read_pid,
+    session_members,
+    start_time,
+)
 from tools.signer import Signer
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -492,7 +502,7 @@ class SwarmCluster:
         if self._created.get("nodes_dir"):
             prefixes.append(self._created["nodes_dir"] + "/")
         for prefix in prefixes:
-            found += [f"process {pid} {' '.join(_cmdline(pid))[:100]}" for pid in _pids_mentioning(prefix)]
+            found += [f"process {pid} {' '.join(cmdline(pid))[:100]}" for pid in pids_mentioning(prefix)]
         found += [f"mount {line.split()[1]}" for line in Path("/proc/mounts").read_text().splitlines()
                   if line.split()[1].startswith(tuple(prefixes))] if prefixes else []
         found += [f"directory {n.dir}" for n in self.nodes if n.dir.exists()]
@@ -508,8 +518,8 @@ class SwarmCluster:
 
     def _stop_engine(self, node: SwarmNode) -> None:
         engine = node.engine
-        pid = _read_pid(engine.pidfile)
-        if pid is not None and not _cmdline_mentions(pid, str(engine.root)):
+        pid = read_pid(engine.pidfile)
+        if pid is not None and not cmdline_mentions(pid, str(engine.root)):
             engine.pidfile.unlink(missing_ok=True)  # stale pidfile of a dead dockerd: never kill a reused PID
         # Swarm stops its tasks with their grace period (10 s) when dockerd stops: kill them first instead.
         if pid is not None and engine.socket.exists():
@@ -520,7 +530,7 @@ class SwarmCluster:
         engine.stop()
         # Whatever dockerd left behind (containerd, shims) names its root on the command line.
         prefix = str(engine.root) + "/"
-        for pid in _pids_mentioning(prefix):
+        for pid in pids_mentioning(prefix):
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, signal.SIGKILL)
         _umount_below(node.dir)
@@ -566,7 +576,7 @@ class SwarmCluster:
                                     stderr=subprocess.STDOUT, start_new_session=True)
         node.agent_proc = proc
         node.agent_pid = proc.pid
-        node.agent_start_time = _start_time(proc.pid)
+        node.agent_start_time = start_time(proc.pid)
         self._save()
 
     def stop_agent(self, i: int, sig: signal.Signals = signal.SIGTERM, timeout: float = 10.0) -> None:
@@ -580,7 +590,7 @@ class SwarmCluster:
 
     def _agent_alive(self, node: SwarmNode) -> bool:
         pid = node.agent_pid
-        return pid is not None and _alive(pid) and _start_time(pid) == node.agent_start_time
+        return pid is not None and alive(pid) and start_time(pid) == node.agent_start_time
 
     def _stop_agent_proc(self, node: SwarmNode, sig: signal.Signals, timeout: float) -> None:
         pid = node.agent_pid
@@ -597,16 +607,16 @@ class SwarmCluster:
         # What it started (its serf child) stays in its session. The kernel hands out no PID that is still
         # a session id, so while such members live the number is ours; a living PID that started at another
         # time is not.
-        if ours or not _alive(pid):
-            for child in _session_members(pid):
+        if ours or not alive(pid):
+            for child in session_members(pid):
                 with contextlib.suppress(ProcessLookupError):
                     os.kill(child, signal.SIGKILL)
         if node.agent_proc is not None:
             with contextlib.suppress(subprocess.TimeoutExpired):
                 node.agent_proc.wait(timeout=5)
             node.agent_proc = None
-        if ours or not _alive(pid):
-            _wait_for(lambda: not _alive(pid) and not _session_members(pid), time.monotonic() + 5, "",
+        if ours or not alive(pid):
+            _wait_for(lambda: not alive(pid) and not session_members(pid), time.monotonic() + 5, "",
                       raise_=False)
         node.agent_pid = None
         node.agent_start_time = None
@@ -831,22 +841,14 @@ def _kill_netns_processes(name: str, timeout: float = 10.0) -> None:
         ns = f"net:[{path.stat().st_ino}]"
     except OSError:
         return
-    pids = _pids_in_netns(ns)
+    pids = pids_in_netns(ns)
     for pid in pids:
         with contextlib.suppress(ProcessLookupError):
             os.kill(pid, signal.SIGKILL)
-    if not _wait_for(lambda: not _pids_in_netns(ns), time.monotonic() + timeout, "", raise_=False):
-        raise SwarmError(f"processes {_pids_in_netns(ns)} in namespace {name} do not die")
+    if not _wait_for(lambda: not pids_in_netns(ns), time.monotonic() + timeout, "", raise_=False):
+        raise SwarmError(f"processes {pids_in_netns(ns)} in namespace {name} do not die")
 
 
-def _pids_in_netns(ns: str) -> list[int]:
-    out = []
-    for entry in Path("/proc").iterdir():
-        if entry.name.isdigit() and int(entry.name) != os.getpid():
-            with contextlib.suppress(OSError):
-                if os.readlink(entry / "ns" / "net") == ns and _alive(int(entry.name)):
-                    out.append(int(entry.name))
-    return out
 
 
 def _umount_below(path: Path) -> None:
@@ -864,63 +866,20 @@ def _remove_tree(path: Path) -> None:
         raise SwarmError(f"could not remove {path}")
 
 
-def _read_pid(pidfile: Path) -> int | None:
-    try:
-        return int(pidfile.read_text().strip())
-    except (OSError, ValueError):
-        return None
 
 
-def _proc_stat(pid: int) -> list[str] | None:
-    """Fields of /proc/PID/stat after the command name (index 0 = state)."""
-    try:
-        text = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
-        return None
-    return text[text.rindex(")") + 2:].split()
 
 
-def _alive(pid: int) -> bool:
-    stat = _proc_stat(pid)
-    return stat is not None and stat[0] not in ("Z", "X")
 
 
-def _start_time(pid: int) -> int | None:
-    stat = _proc_stat(pid)
-    return int(stat[19]) if stat else None
 
 
-def _session_members(sid: int) -> list[int]:
-    """Living processes whose session id is `sid` (a session we created with start_new_session)."""
-    pids = []
-    for entry in Path("/proc").iterdir():
-        if entry.name.isdigit():
-            stat = _proc_stat(int(entry.name))
-            if stat and int(stat[3]) == sid and stat[0] not in ("Z", "X"):
-                pids.append(int(entry.name))
-    return pids
 
 
-def _cmdline(pid: int) -> list[str]:
-    try:
-        return Path(f"/proc/{pid}/cmdline").read_bytes().decode(errors="replace").split("\0")
-    except OSError:
-        return []
 
 
-def _cmdline_mentions(pid: int, text: str) -> bool:
-    return any(text in arg for arg in _cmdline(pid))
 
 
-def _pids_mentioning(prefix: str) -> list[int]:
-    """Living processes with a command-line argument below `prefix` (never this process)."""
-    out = []
-    for entry in Path("/proc").iterdir():
-        if entry.name.isdigit() and int(entry.name) != os.getpid():
-            pid = int(entry.name)
-            if any(arg.startswith(prefix) or f"={prefix}" in arg for arg in _cmdline(pid)) and _alive(pid):
-                out.append(pid)
-    return out
 
 
 def _tail(path: Path, lines: int = 30) -> str:
