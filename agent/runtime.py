@@ -142,7 +142,7 @@ async def run(config: Config, stop: asyncio.Event) -> int:
 
         try:
             edge = await EdgeRuntime.create(state)
-        except ValueError as exc:  # a malformed EDGE_KEY stops the agent, as in Go (or a bad KEELSON_EDGE_*)
+        except ValueError as exc:  # a malformed EDGE_KEY or key file stops the agent, as in Go
             log.error("%s %s", getattr(exc, "code", Code.EDGE_KEY_INVALID), exc)
             await state.close()
             return 1

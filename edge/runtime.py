@@ -21,7 +21,6 @@ import contextlib
 import dataclasses
 import json
 import logging
-import os
 import ssl
 from collections.abc import Awaitable, Callable, Coroutine
 from pathlib import Path
@@ -31,13 +30,13 @@ import aiohttp
 from aiohttp import web
 
 from agent.cluster.membership import Member
+from agent.config import EdgeOptions
 from agent.engine import read_engine_info
 from agent.errors import Code, log_failure
 from agent.state import AgentState
 from agent.tasks import spawn
 from edge.client import PollResponse, PortainerClient, TlsFiles
 from edge.key import EdgeKey, EdgeKeyError, KeyAlreadySetError, parse_edge_key, read_key_file, write_key_file
-from edge.options import EdgeOptions
 from edge.poller import Poller
 from edge.schedules import ContainerJobRunner, Scheduler
 from edge.tunnel.base import ReverseTunnel, TunnelConfig
@@ -106,7 +105,7 @@ class EdgeRuntime:
     @classmethod
     async def create(cls, state: AgentState) -> EdgeRuntime:
         """Look the key up; raises ValueError for a malformed EDGE_KEY or key file (the agent exits 1)."""
-        runtime = cls(state, EdgeOptions.from_env(os.environ))
+        runtime = cls(state, state.config.edge_options)
         config = state.config
         if not config.edge_id:
             log.warning("EDGE_ID is empty: Portainer refuses polls without an Edge identifier")

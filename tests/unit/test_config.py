@@ -112,3 +112,13 @@ def test_certificates_may_appear_later_with_a_retry_interval() -> None:
 
 def test_go_options_without_meaning_here_are_reported() -> None:
     assert load_config({"AWS_REGION": "eu-west-1", "ASSETS_PATH": "/app"}).ignored == ("ASSETS_PATH", "AWS_REGION")
+
+
+def test_keelson_edge_settings_are_read_with_the_rest() -> None:
+    c = load_config({"KEELSON_EDGE_TRANSPORT": "ssh", "KEELSON_EDGE_JOB_MEMORY": "64m", "KEELSON_EDGE_JOB_CPUS": "1"})
+    assert (c.edge_options.transport, c.edge_options.job_memory, c.edge_options.job_cpus) == ("ssh", 64 * 2**20, 1.0)
+    for env, name in (({"KEELSON_EDGE_TRANSPORT": "carrier-pigeon"}, "KEELSON_EDGE_TRANSPORT"),
+                      ({"KEELSON_EDGE_JOB_MEMORY": "1m"}, "KEELSON_EDGE_JOB_MEMORY"),
+                      ({"KEELSON_EDGE_POLL_INTERVAL": "soon"}, "KEELSON_EDGE_POLL_INTERVAL")):
+        with pytest.raises(ConfigError, match=f"^{name}:"):
+            load_config(env)
