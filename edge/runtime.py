@@ -26,6 +26,7 @@ from collections.abc import Awaitable, Callable, Coroutine
 from pathlib import Path
 from typing import Any
 
+import aiodocker
 import aiohttp
 from aiohttp import web
 
@@ -374,7 +375,8 @@ class EdgeRuntime:
             try:
                 docker = self.state.docker
                 leader = (await read_engine_info(docker, await docker.system.info())).leader
-            except Exception as exc:  # keep the last answer while the engine is unreachable
+            # keep the last answer while the engine is unreachable
+            except (aiodocker.DockerError, aiohttp.ClientError, OSError, TimeoutError) as exc:
                 log.debug("leader check failed: %s", exc)
             if leader != self._leader[1]:
                 log.info("this node %s the Swarm leader: Edge polling %s", "is" if leader else "is no longer",

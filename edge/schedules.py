@@ -32,6 +32,7 @@ from pathlib import Path
 from typing import Any, Protocol
 
 import aiodocker
+import aiohttp
 from croniter import croniter
 
 from agent.errors import Code, log_failure
@@ -111,7 +112,7 @@ class ContainerJobRunner:
         try:
             container = await asyncio.shield(creating)
         except asyncio.CancelledError:  # removed or replaced meanwhile: do not leave the container behind
-            with contextlib.suppress(Exception):
+            with contextlib.suppress(aiodocker.DockerError, aiohttp.ClientError, OSError):
                 await (await creating).delete(force=True)
             raise
         try:
@@ -141,7 +142,7 @@ class ContainerJobRunner:
                 with contextlib.suppress(aiodocker.DockerError):
                     await container.delete(force=True)
                     log.info("removed leftover Edge job container %s", container.id[:12])
-        except Exception as exc:
+        except (aiodocker.DockerError, aiohttp.ClientError, OSError) as exc:
             log.debug("leftover Edge job containers not checked: %s", exc)
 
 

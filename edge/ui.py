@@ -162,7 +162,7 @@ class AssociationUI:
                 self.close_soon()
                 return self._page(render('<p class="ok" id="ok">An Edge key is already associated to this '
                                          'agent. You can close this page.</p>'), 409)
-            except Exception as exc:
+            except OSError as exc:  # the key file cannot be written
                 log.warning("association page: the key could not be saved: %s", exc)
                 return self._page(form_page(f"The key could not be saved: {exc}"), 500)
             self.accepted = True

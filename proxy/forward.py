@@ -127,8 +127,8 @@ async def forward_http(
             log_failure(Code.PROXY_CLIENT_GONE, "client went away during a stream", path=request.path)
         except (aiohttp.ClientPayloadError, aiohttp.ClientConnectionError) as exc:
             log_failure(Code.PROXY_DOCKER_STREAM_BROKEN, f"upstream stream broke: {exc}", path=request.path)
-            with contextlib.suppress(Exception):
-                request.transport.close()  # type: ignore[union-attr]
+            if request.transport is not None:  # the caller may be gone already
+                request.transport.close()
     return response
 
 
@@ -189,7 +189,7 @@ class UpstreamHandshake:
         )
 
     def close(self) -> None:
-        with contextlib.suppress(Exception):
+        with contextlib.suppress(OSError, RuntimeError):  # closing an already broken or closed transport
             self.writer.close()
 
 

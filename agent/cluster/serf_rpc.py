@@ -169,10 +169,10 @@ class SerfRPCClient:
     async def close(self) -> None:
         """Drop the connection only: the agent keeps running and stays in the cluster."""
         self._read_task.cancel()
-        with contextlib.suppress(asyncio.CancelledError, Exception):
+        with contextlib.suppress(asyncio.CancelledError, SerfRPCError, OSError):
             await self._read_task
         self._writer.close()
-        with contextlib.suppress(Exception):
+        with contextlib.suppress(OSError):  # the agent may have dropped the connection first
             await self._writer.wait_closed()
 
     async def _send(
