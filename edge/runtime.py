@@ -22,7 +22,7 @@ import dataclasses
 import json
 import logging
 import ssl
-from collections.abc import Awaitable, Callable, Coroutine
+from collections.abc import Coroutine
 from pathlib import Path
 from typing import Any
 
@@ -37,6 +37,7 @@ from agent.errors import Code, log_failure
 from agent.state import AgentState
 from agent.tasks import spawn
 from edge.client import PollResponse, PortainerClient, TlsFiles
+from edge.gate import gate_middleware, handle_key
 from edge.key import EdgeKey, EdgeKeyError, KeyAlreadySetError, parse_edge_key, read_key_file, write_key_file
 from edge.poller import Poller
 from edge.schedules import ContainerJobRunner, Scheduler
@@ -48,24 +49,13 @@ log = logging.getLogger(__name__)
 
 KEY_FILE = "agent_edge_key"
 TAG_EDGE_KEY_SET = "EdgeKeySet"
-MSG_NO_KEY = "Unable to use the unsecured agent API without Edge key"
 PEER_KEY_TIMEOUT = 3.0
 LEADER_CHECK_INTERVAL = 5.0
 
-Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
-
-
-def _error(status: int, message: str, details: str) -> web.Response:
-    """Portainer's libhttp error body: ``{"message","details"}``."""
-    return web.json_response({"message": message, "details": details}, status=status)
 
 
 def _host_port(host: str, port: int) -> str:
     return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
-
-
-def _is_key_path(path: str) -> bool:
-    return path.lstrip("/").split("/", 1)[0] == "key"
 
 
 class EdgeRuntime:
@@ -238,21 +228,10 @@ class EdgeRuntime:
     async def _key_from_page(self, text: str) -> None:
         await self.set_key(text, "association page")
 
-    # --- HTTP: the gate and /key --------------------------------------------------------------------------
+    # --- HTTP: the gate and /key (edge/gate.py) -------------------------------------------------------------
 
     def middleware(self) -> Any:
-        @web.middleware
-        async def edge_gate(request: web.Request, handler: Handler) -> web.StreamResponse:
-            if _is_key_path(request.path) and (request.method != "POST" or self.key is not None
-                                               or self.accepting_keys):
-                return await handler(request)
-            if self.key is None:
-                return _error(403, MSG_NO_KEY, "Edge key not set")
-            if self.tunnels is not None:
-                self.tunnels.record_activity()
-            return await handler(request)
-
-        return edge_gate
+        return gate_middleware(self)
 
     def current_key(self) -> str:
         """As Go's GetKey: the key re-encoded, a global key carrying the endpoint id Portainer gave us."""
@@ -264,34 +243,11 @@ class EdgeRuntime:
         return key.encode()
 
     async def key_handler(self, request: web.Request) -> web.StreamResponse:
-        """``GET /key`` and ``POST /key`` of Go's http/handler/key (messages kept)."""
-        if request.path != "/key":
-            return _error(404, "Not found", f"no such Edge key endpoint: {request.path}")
-        if request.method == "GET":
-            if self.key is None:
-                return _error(404, "No key associated to this agent", "Edge key unavailable")
-            return web.json_response({"key": self.current_key()})
-        if request.method != "POST":
-            return _error(405, "Method not allowed", f"{request.method} is not supported on /key")
-        if self.key is not None:
-            return _error(409, "An Edge key is already associated to this agent", "Edge key already associated")
-        try:
-            payload = json.loads(await request.content.read(64 * 1024))
-            if not isinstance(payload, dict):
-                raise ValueError("the payload is not a JSON object")
-        except ValueError as exc:
-            return _error(400, "Invalid request payload", str(exc) or "invalid JSON")
-        # Go's JSON decoding matches field names case-insensitively: {"Key"} and {"key"} both work.
-        text = next((v for k, v in payload.items() if k.lower() == "key"), "")
-        if not isinstance(text, str) or not text.strip():
-            return _error(400, "Invalid request payload", "Invalid key")
-        try:
-            await self.set_key(text, "POST /key")
-        except EdgeKeyError as exc:
-            return _error(400, "Unable to associate Edge key", str(exc))
-        except KeyAlreadySetError:
-            return _error(409, "An Edge key is already associated to this agent", "Edge key already associated")
-        return web.Response(status=204)
+        return await handle_key(self, request)
+
+    def record_activity(self) -> None:
+        if self.tunnels is not None:
+            self.tunnels.record_activity()
 
     # --- services -----------------------------------------------------------------------------------------
 
