@@ -15,6 +15,7 @@ from typing import Any
 import pytest
 
 from tests.cluster.conftest import require_swarm_prerequisites
+from tests.cluster.test_cluster import docker
 from tests.cluster.test_cluster import wait_until as cluster_wait_until
 from tools.swarm import SwarmCluster, sh
 
@@ -156,3 +157,48 @@ def test_a_split_that_outlasts_the_reconnect_window_merges_back(swarm5: SwarmClu
     assert manager_op(swarm5, 4) and manager_op(swarm5, 5)
     status, headers, nodes = listing(swarm5, 5)
     assert status == 200 and nodes == everyone, headers
+
+
+def test_service_ls_through_a_worker_after_runtime_promotions_and_a_leader_cut(swarm5: SwarmCluster) -> None:
+    """The issue's own check, with the real Docker CLI: managers changed at run time (both workers promoted,
+    the two other managers demoted), then the leader's node cut off: `docker service ls` through a worker's
+    agent works again once the two promoted managers have elected a leader, and keeps working."""
+    leader = swarm5.leader()
+    roles = swarm5.roles()
+    promoted = sorted(name for name, role in roles.items() if role == "worker")
+    demoted = sorted(name for name, role in roles.items() if role == "manager" and name != leader.name)
+    # every node Ready first (the split test just healed): a promotion of a node that is not is not kept
+    wait_until(lambda: all(line.split()[1:] == ["Ready"] for line in leader.cli(
+        "node", "ls", "--format", "{{.Hostname}} {{.Status}}").stdout.splitlines()), 90, "every node Ready")
+    leader.cli("node", "promote", *promoted)
+    swarm5.wait_roles({n: "manager" for n in promoted}, time.monotonic() + 90)
+    leader.cli("node", "demote", *demoted)
+    swarm5.wait_roles({n: "worker" for n in demoted}, time.monotonic() + 90)
+    worker = next(n.index for n in swarm5 if n.name == demoted[0])
+    want = {leader.name: "manager", **{n: "manager" for n in promoted}, **{n: "worker" for n in demoted}}
+    seen: list[dict[str, str]] = []
+
+    def roles_seen() -> bool:
+        seen.append({a["NodeName"]: a["NodeRole"] for a in agents(swarm5, worker).values()})
+        return seen[-1] == want
+
+    try:
+        wait_until(roles_seen, 60, "the worker's agent sees the new roles")
+    except AssertionError as exc:
+        raise AssertionError(f"{exc}; wanted {want}, last seen {seen[-1:]}, engine {swarm5.roles()}") from None
+    swarm5.signer.write_docker_config(swarm5.docker_config)
+
+    def service_ls() -> bool:
+        res = docker(swarm5, worker, "service", "ls", "--format", "{{.Name}}", check=False, timeout=60)
+        return res.returncode == 0
+
+    assert service_ls()
+    swarm5.link_down(leader.index)
+    try:
+        wait_until(service_ls, 120, "docker service ls through the worker after the re-election")
+        for _ in range(5):
+            assert service_ls()
+    finally:
+        swarm5.link_up(leader.index)
+    wait_until(lambda: all(set(agents(swarm5, i)) == {n.name for n in swarm5} for i in (1, 2, 3, 4, 5)), 120,
+               "the cut node back in every /agents")
