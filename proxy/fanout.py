@@ -80,7 +80,7 @@ class NodeAnswer:
     down: bool = False
     """It did not connect or answer in time (not merely an error answer): skipped for a while."""
     skipped: bool = False
-    """Not asked at all (it failed recently, or the cluster reports its agent failed)."""
+    """Not asked at all: it failed recently and no probe has shown it back yet."""
 
 
 def parse_node_body(node: str, status: int, body: bytes, volumes: bool) -> NodeAnswer:
@@ -251,7 +251,7 @@ async def handle(request: web.Request, state: Cluster, target: Target, local_pat
     try:
         answers = await asyncio.gather(*jobs)
         for answer in answers:
-            if answer.error is not None:  # skipped, late or unreachable (an answered node added itself)
+            if answer.skipped or answer.down:  # an answer that came (even an error) added itself in _ask
                 listing.add(answer)
         listing.finish()
         return await _respond(request, state, listing, answers, members, me)

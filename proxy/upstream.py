@@ -93,7 +93,8 @@ class EngineUpstream(Upstream):
         reconnect = False
         while True:
             try:
-                await self.read_api_range(announce=reconnect)
+                if reconnect or self.api_range is None:  # start-up has read it already
+                    await self.read_api_range(announce=reconnect)
                 reconnect = True
                 async with self.session.get(self.base_url + "/events", params=events) as resp:
                     delay = 0.5

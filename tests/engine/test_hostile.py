@@ -17,6 +17,7 @@ from typing import Any
 import aiohttp
 import pytest
 
+from tests.engine.test_versions import poll_until
 from tools.agentproc import AgentProcess, insecure_context
 from tools.dockerd import PrivateDockerd
 
@@ -54,15 +55,6 @@ class Sampler:
     def __exit__(self, *exc: object) -> None:
         self._stop.set()
         self._thread.join()
-
-
-def wait_for(check: object, timeout: float) -> bool:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if check():  # type: ignore[operator]
-            return True
-        time.sleep(0.1)
-    return bool(check())  # type: ignore[operator]
 
 
 @pytest.fixture
@@ -109,7 +101,7 @@ async def test_huge_unfinished_heads_are_bounded(hostile_agent: AgentProcess) ->
         await asyncio.wait_for(asyncio.gather(*probes), 120)
     print(f"500 endless heads: peak RSS {sampler.peak:.0f} MiB, descriptors {open_fds(pid)} (base {base_fds})")
     assert sampler.peak < 200, f"agent peak RSS {sampler.peak:.0f} MiB with 500 huge unfinished heads"
-    assert wait_for(lambda: open_fds(pid) <= base_fds + 5, 10), (open_fds(pid), base_fds)
+    assert poll_until(lambda: open_fds(pid) <= base_fds + 5, 10), (open_fds(pid), base_fds)
     assert await ping(hostile_agent) == 204
     log = hostile_agent.log()
     assert "LIMIT_HEAD_TOO_LARGE" in log or "LIMIT_HEAD_BUDGET" in log
@@ -125,7 +117,7 @@ async def test_connections_that_never_send_a_head_are_closed(hostile_agent: Agen
         assert open_fds(pid) >= base_fds + 250
         assert await ping(hostile_agent) == 204
         # the header timeout (3 s here, 30 s by default) closes every one of them
-        assert await asyncio.to_thread(wait_for, lambda: open_fds(pid) <= base_fds + 5, 30), open_fds(pid)
+        assert await asyncio.to_thread(poll_until, lambda: open_fds(pid) <= base_fds + 5, 30), open_fds(pid)
         ends = await asyncio.gather(*(reader.read(1) for reader, _ in conns), return_exceptions=True)
         assert all(end in (b"",) or isinstance(end, (ConnectionError, ssl.SSLError)) for end in ends)
     finally:
@@ -144,7 +136,7 @@ def test_unproven_connections_are_capped_oldest_first(engine: PrivateDockerd, tm
         base_fds = open_fds(proc.proc.pid)
         for _ in range(200):
             socks.append(socket.create_connection(("127.0.0.1", proc.port)))
-        assert wait_for(lambda: open_fds(proc.proc.pid) <= base_fds + 55, 10), open_fds(proc.proc.pid)  # type: ignore[union-attr]
+        assert poll_until(lambda: open_fds(proc.proc.pid) <= base_fds + 55, 10), open_fds(proc.proc.pid)  # type: ignore[union-attr]
         assert asyncio.run(ping(proc)) == 204
         # the newest are the ones kept: the first ones were closed by the agent
         socks[0].settimeout(5)

@@ -32,11 +32,12 @@ async def call(agent: AgentProcess, method: str, path: str, signed: bool = True,
             return r.status, CIMultiDict(r.headers), await r.read()
 
 
-def poll_until(check: Callable[[], bool], timeout: float) -> None:
-    """A bounded wait for something a process logs (no event to wait on across processes)."""
+def poll_until(check: Callable[[], bool], timeout: float) -> bool:
+    """A bounded wait for what another process does (no event to wait on across processes); the last look."""
     deadline = time.monotonic() + timeout
     while not check() and time.monotonic() < deadline:
         time.sleep(0.1)
+    return bool(check())
 
 
 def metric(text: str, name: str, **labels: str) -> float:
