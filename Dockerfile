@@ -24,6 +24,8 @@ RUN set -eu; \
     if [ "$OFFLINE" = 1 ]; then cp /wheelhouse/debs/*.deb /debs/; fi
 
 # ---------------------------------------------------------------- runtime: the base, serf, the virtualenv
+# Edge stacks need Docker Compose v2 and the Docker CLI (`docker stack deploy`): bookworm packages only Compose
+# v1, so both come from Debian trixie (static Go builds; bookworm's libc suffices). See tools/debs.py.
 FROM ${BASE}
 ARG OFFLINE=0
 ARG DEBIAN_FRONTEND=noninteractive
@@ -34,10 +36,14 @@ RUN set -eu; \
     if [ "$OFFLINE" = 1 ]; then \
         apt-get install -y --no-install-recommends /tmp/debs/*.deb; \
     else \
-        apt-get update; apt-get install -y --no-install-recommends serf; \
+        echo 'deb [signed-by=/usr/share/keyrings/debian-archive-keyring.gpg] http://deb.debian.org/debian trixie main' \
+            > /etc/apt/sources.list.d/trixie.list; \
+        apt-get update; \
+        apt-get install -y --no-install-recommends -o APT::Default-Release=bookworm serf docker-compose/trixie docker-cli/trixie; \
+        rm /etc/apt/sources.list.d/trixie.list; \
     fi; \
     rm -rf /usr/sbin/policy-rc.d /tmp/debs /var/lib/apt/lists/* /var/cache/apt/*.bin /var/cache/apt/archives/*.deb; \
-    serf version; \
+    serf version; docker-compose version; docker --version; \
     mkdir -p /data
 COPY --from=build /opt/keelson /opt/keelson
 COPY deploy/healthcheck.py /opt/keelson/healthcheck.py

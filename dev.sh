@@ -67,6 +67,17 @@ ensure_venv() {
     fi
 }
 
+ensure_compose() {
+    # Edge stacks run Docker Compose v2; bookworm has only v1, so it comes from Debian trixie (tools/debs.py).
+    local have
+    have=$(docker-compose version --short 2>/dev/null || true)
+    case "$have" in
+        2.*|v2.*) return 0 ;;
+    esac
+    log "installing Docker Compose v2 (Debian trixie's docker-compose; found: ${have:-none})"
+    "$PY" -m tools.debs install docker-compose
+}
+
 engine_answers() {
     local host=${1:-}
     if [ -n "$host" ]; then docker -H "$host" version >/dev/null 2>&1; else docker version >/dev/null 2>&1; fi
@@ -76,6 +87,7 @@ cmd_local() {
     need_root
     ensure_apt "${APT_BASE[@]}"
     ensure_venv
+    ensure_compose
     mkdir -p .local
     # The agent and the private engine are ours: whatever ends this script (Ctrl-C, SIGTERM, an error)
     # stops them by PID (tools.dockerd removes its engine, namespace and mounts on SIGTERM).
@@ -122,6 +134,7 @@ cmd_test() {
     need_root
     ensure_apt "${APT_BASE[@]}" "${APT_TEST[@]}" "${APT_IMAGE[@]}"
     ensure_venv
+    ensure_compose
     log "ruff"
     "$VENV/bin/ruff" check .
     log "mypy"
@@ -139,6 +152,7 @@ cmd_swarm() {
     need_root
     ensure_apt "${APT_BASE[@]}"
     ensure_venv
+    ensure_compose
     local sub=${1:-}; shift || true
     case "$sub" in
         up) "$PY" -m tools.swarm up --agents --state-dir .swarm "$@" ;;

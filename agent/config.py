@@ -85,6 +85,7 @@ class DockerEndpoint:
 
 
 TRANSPORTS = ("chisel", "ssh")
+JOB_RUNNERS = ("cron", "container")
 _SIZE = re.compile(r"^(\d+)([bkmg]?)$", re.IGNORECASE)
 _SIZE_UNITS = {"": 1, "b": 1, "k": 1024, "m": 1024**2, "g": 1024**3}
 
@@ -112,6 +113,14 @@ class EdgeOptions:
     """KEELSON_EDGE_POLL_INTERVAL: poll interval until the server's ``checkin`` says otherwise (Go: 5s)."""
     poll_max_backoff: float = 60.0
     """KEELSON_EDGE_POLL_MAX_BACKOFF: longest wait between polls while Portainer is unreachable."""
+    job_runner: str = "cron"
+    """KEELSON_EDGE_JOB_RUNNER: ``cron`` (Go's way: script and cron line in the host's root, run by the host's
+    cron as root) or ``container`` (a throwaway container per run: no network, limits; the safer choice)."""
+    stack_retry: float = 30.0
+    """KEELSON_EDGE_STACK_RETRY: first wait before a failed stack deployment is tried again (doubling, at most
+    ten times this)."""
+    compose: str = "docker-compose"
+    """KEELSON_EDGE_COMPOSE: the Docker Compose v2 command Edge stacks are deployed with."""
 
     @classmethod
     def from_env(cls, env: Mapping[str, str]) -> EdgeOptions:
@@ -128,6 +137,9 @@ class EdgeOptions:
             raise ConfigError(f"KEELSON_EDGE_JOB_CPUS: {cpus_text!r} is not a number") from None
         if not 0 < cpus <= 1024:
             raise ConfigError(f"KEELSON_EDGE_JOB_CPUS: {cpus_text!r} must be > 0")
+        runner = env.get("KEELSON_EDGE_JOB_RUNNER", "").strip().lower() or cls.job_runner
+        if runner not in JOB_RUNNERS:
+            raise ConfigError(f"KEELSON_EDGE_JOB_RUNNER: {runner!r} is not one of {', '.join(JOB_RUNNERS)}")
         return cls(
             transport=transport,
             ssh_key=ssh_key,
@@ -138,6 +150,9 @@ class EdgeOptions:
             ui_timeout=_edge_duration(env, "KEELSON_EDGE_UI_TIMEOUT", cls.ui_timeout),
             poll_interval=_edge_duration(env, "KEELSON_EDGE_POLL_INTERVAL", cls.poll_interval),
             poll_max_backoff=_edge_duration(env, "KEELSON_EDGE_POLL_MAX_BACKOFF", cls.poll_max_backoff),
+            job_runner=runner,
+            stack_retry=_edge_duration(env, "KEELSON_EDGE_STACK_RETRY", cls.stack_retry),
+            compose=env.get("KEELSON_EDGE_COMPOSE", "") or cls.compose,
         )
 
 

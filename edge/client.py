@@ -4,6 +4,8 @@
   of the last 8 bodies (Go keeps an LRU of 8); a 304 carries one of them back and reuses that cached body.
 * ``POST {url}/api/endpoints/global-key`` (body ``{}``) turns a global key (endpoint id 0) into an id.
 * ``POST {url}/api/endpoints/{id}/edge/jobs/{jobId}/logs`` body ``{"FileContent": ...}`` sends a job's log.
+* ``GET {url}/api/endpoints/{id}/edge/stacks/{stackId}?version=N`` fetches an Edge stack's files.
+* ``PUT {url}/api/edge_stacks/{stackId}/status`` reports a stack's status on this environment.
 
 TLS as in Go's client/build.go: EDGE_INSECURE_POLL skips verification; MTLS_SSL_CA replaces the system CAs;
 MTLS_SSL_CERT/KEY are the client identity, reloaded when the files change (certificate rotation).
@@ -14,13 +16,14 @@ from __future__ import annotations
 import json
 import os
 import ssl
+import time
 from collections import OrderedDict
 from dataclasses import dataclass, field
-from typing import Any
 
 import aiohttp
 
 from agent import PLATFORM_DOCKER, VERSION
+from edge.stacks.payload import StackRef, parse_stack_refs
 
 HEADER_EDGE_ID = "X-PortainerAgent-EdgeID"
 HEADER_AGENT = "Portainer-Agent"
@@ -63,9 +66,10 @@ class PollResponse:
     schedules: tuple[Schedule, ...] = ()
     checkin: float = 0.0
     credentials: str = ""
-    stacks: tuple[dict[str, Any], ...] = ()
+    stacks: tuple[StackRef, ...] | None = None
+    """None when the answer had no list (nothing is removed then); a list, even empty, is the whole truth."""
     dropped: tuple[str, ...] = field(default=(), compare=False)
-    """Why schedule entries were left out (malformed), for one log line each."""
+    """Why schedule or stack entries were left out (malformed), for one log line each."""
 
 
 def _int(value: object, name: str) -> int:
@@ -110,10 +114,9 @@ def parse_poll_response(body: bytes) -> PollResponse:
                                       _int(item.get("Version") or 0, "Version"), bool(item.get("CollectLogs"))))
         except PollError as exc:
             dropped.append(f"schedule {str(item)[:80]}: {exc}")
-    stacks = data.get("stacks") or []
-    return PollResponse(status, port, tuple(schedules), float(checkin), credentials,
-                        tuple(s for s in stacks if isinstance(s, dict)) if isinstance(stacks, list) else (),
-                        tuple(dropped))
+    stacks, bad_stacks = parse_stack_refs(data.get("stacks"))
+    return PollResponse(status, port, tuple(schedules), float(checkin), credentials, stacks,
+                        tuple(dropped + bad_stacks))
 
 
 def time_zone_name() -> str:
@@ -285,3 +288,27 @@ class PortainerClient:
             body = await resp.content.read(MAX_BODY)
             if resp.status != 200:
                 raise PollError(f"job log upload failed: {_error_text(resp.status, body)}", resp.status)
+
+    async def edge_stack(self, stack_id: int, version: int) -> bytes:
+        """The stack's payload (edge.StackPayload JSON); PollError for any answer but 200."""
+        url = f"{self.url}/api/endpoints/{self.endpoint_id}/edge/stacks/{stack_id}"
+        headers = {HEADER_EDGE_ID: self.edge_id}
+        async with self._http().get(url, params={"version": str(version)}, headers=headers,
+                                    timeout=self._timeout()) as resp:
+            body = await resp.content.read(MAX_BODY)
+            if resp.status != 200:
+                raise PollError(f"fetching Edge stack {stack_id} failed: {_error_text(resp.status, body)}",
+                                resp.status)
+        return body
+
+    async def set_stack_status(self, stack_id: int, status: int, error: str = "") -> None:
+        """One status report (Go: SetEdgeStackStatus); PollError with the HTTP status when refused."""
+        url = f"{self.url}/api/edge_stacks/{stack_id}/status"
+        headers = {HEADER_EDGE_ID: self.edge_id, "X-Portainer-No-Body": "1", "Content-Type": "application/json"}
+        payload = json.dumps({"Error": error, "Status": status, "EndpointID": self.endpoint_id,
+                              "Time": int(time.time())}).encode()
+        async with self._http().put(url, data=payload, headers=headers, timeout=self._timeout()) as resp:
+            body = await resp.content.read(MAX_BODY)
+            if resp.status != 200:
+                raise PollError(f"status report of Edge stack {stack_id} failed: {_error_text(resp.status, body)}",
+                                resp.status)

@@ -36,11 +36,13 @@ from agent.engine import read_engine_info
 from agent.errors import Code, log_failure
 from agent.state import AgentState
 from agent.tasks import spawn
-from edge.client import PollResponse, PortainerClient, TlsFiles
+from edge.client import PollError, PollResponse, PortainerClient, TlsFiles
 from edge.gate import gate_middleware, handle_key
 from edge.key import EdgeKey, EdgeKeyError, KeyAlreadySetError, parse_edge_key, read_key_file, write_key_file
 from edge.poller import Poller
 from edge.schedules import ContainerJobRunner, Scheduler
+from edge.stacks.engines import ComposeEngine, StackEngine, SwarmEngine
+from edge.stacks.manager import StackManager
 from edge.tunnel.base import ReverseTunnel, TunnelConfig
 from edge.tunnel.manager import TunnelManager
 from edge.ui import AssociationUI
@@ -73,6 +75,7 @@ class EdgeRuntime:
         self.poller: Poller | None = None
         self.tunnels: TunnelManager | None = None
         self.scheduler: Scheduler | None = None
+        self.stacks: StackManager | None = None
         self._lock = asyncio.Lock()
         self._started = False
         self._services = False
@@ -307,6 +310,10 @@ class EdgeRuntime:
                                     self.options.job_cpus, self.options.job_timeout)
         self._spawn(runner.remove_leftovers())
         self.scheduler = Scheduler(runner, config.data_path / "edge_jobs", self.client.send_job_logs)
+        self.stacks = StackManager(self.client, self._stack_engine, config.data_path / "edge_stacks",
+                                   edge_id=config.edge_id, docker_host=config.docker.url,
+                                   retry=self.options.stack_retry, active=self._should_poll)
+        self.stacks.start()
         self.poller = Poller(self.client, self._on_status, global_key=key.is_global,
                              interval=self.options.poll_interval, max_backoff=self.options.poll_max_backoff,
                              should_poll=self._should_poll)
@@ -320,6 +327,20 @@ class EdgeRuntime:
             self.tunnels.apply(response.status, response.port, response.credentials)
         if self.scheduler is not None:
             self.scheduler.apply(response.schedules)
+        if self.stacks is not None:
+            try:
+                await self.stacks.apply(response.stacks)
+            except (PollError, aiohttp.ClientError, OSError, TimeoutError) as exc:
+                # Go ends the poll's stack handling at the first fetch error; the next poll tries again.
+                log_failure(Code.EDGE_STACK_FAILED, f"Edge stacks not updated this poll: {exc}")
+
+    async def _stack_engine(self) -> StackEngine:
+        """Compose on a standalone engine, ``docker stack`` in a Swarm (Go re-checks this every 5 s)."""
+        docker = self.state.docker
+        info = await read_engine_info(docker, await docker.system.info())
+        if info.swarm:
+            return SwarmEngine(docker, compose=self.options.compose)
+        return ComposeEngine(docker, compose=self.options.compose)
 
     async def _should_poll(self) -> bool:
         """Only a standalone engine or the Swarm leader polls (Go: checkDockerRuntimeConfig every 5 s)."""
@@ -354,6 +375,8 @@ class EdgeRuntime:
             await self.tunnels.close()
         if self.scheduler is not None:
             await self.scheduler.close()
+        if self.stacks is not None:
+            await self.stacks.close()
         for task in list(self._tasks):
             task.cancel()
             with contextlib.suppress(asyncio.CancelledError, Exception):

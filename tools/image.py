@@ -34,6 +34,8 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
+from tools.debs import DebError
+from tools.debs import fetch as fetch_trixie
 from tools.dockerd import DOCKER_CLI, PrivateDockerd, new_run_id
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -46,8 +48,10 @@ SUITE = "bookworm"
 BASE_PACKAGES = ("python3", "python3-venv", "ca-certificates", "netbase")
 # What the Dockerfile's final stage installs with apt.
 RUNTIME_DEBS = ("serf",)
+# ... and from Debian trixie (tools/debs.py: Compose v2 for Edge stacks, the CLI for `docker stack deploy`).
+TRIXIE_DEBS = ("docker-compose", "docker-cli")
 # Bump when the base recipe changes in a way the key does not see.
-BASE_RECIPE = 2
+BASE_RECIPE = 3
 # The build context, as .dockerignore allows it (test_image.py checks that both lists agree).
 CONTEXT_PATHS = ("pyproject.toml", "README.md", "agent", "proxy", "browse", "edge", "deploy/healthcheck.py",
                  "deploy/wheelhouse")
@@ -163,7 +167,8 @@ class BaseImage:
 
 
 def base_key(mirror: str) -> str:
-    recipe = json.dumps([BASE_RECIPE, SUITE, BASE_PACKAGES, RUNTIME_DEBS, mirror, DPKG_EXCLUDES, APT_CLEAN])
+    recipe = json.dumps([BASE_RECIPE, SUITE, BASE_PACKAGES, RUNTIME_DEBS, TRIXIE_DEBS, mirror, DPKG_EXCLUDES,
+                         APT_CLEAN])
     return hashlib.sha256(recipe.encode()).hexdigest()[:12]
 
 
@@ -196,6 +201,10 @@ def ensure_base(cache_dir: Path = IMAGE_DIR, mirror: str | None = None, log: Log
             shutil.move(str(deb), debs / deb.name)
         if not any(debs.glob("serf_*.deb")):
             raise ImageError(f"apt fetched no serf package into {debs}")
+        try:
+            fetch_trixie(list(TRIXIE_DEBS), debs)
+        except DebError as exc:
+            raise ImageError(str(exc)) from None
         _slim(rootfs)
         _run(["tar", "--numeric-owner", "-C", str(rootfs), "-cf", str(work / "rootfs.tar"), "."], "tar of the base")
         _remove_rootfs(rootfs)

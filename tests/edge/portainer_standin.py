@@ -19,6 +19,16 @@
 * ``POST /api/endpoints/{id}/edge/jobs/{jobID}/logs`` (endpointedge/endpointedge_job_logs.go, behind
   middlewares.WithEndpoint): bad id 400, unknown 404, EdgeID check 403, bad job id 400, bad JSON 400, unknown
   job 404; stores FileContent, sets CollectLogs false / LogsStatus collected, drops the cache, answers ``null``.
+* ``GET /api/endpoints/{id}/edge/stacks/{stackId}`` (endpointedge/endpointedge_stack_inspect.go, behind
+  middlewares.WithEndpoint): bad id 400, unknown environment 404, EdgeID check 403, bad stack id 400, unknown
+  stack 404 (relation not checked); 200 ``edge.StackPayload`` (api/edge/edge.go) in field order, CE's values:
+  Name, EntryFileName, DirEntries of the entry file and the ``.env`` beside it (api/filesystem/serialize.go,
+  files 0600 = 384), StackFileContent only for agents older than 2.19.0, Namespace "default", the rest zero.
+* ``PUT /api/edge_stacks/{id}/status`` (edgestacks/edgestack_status_update.go): bad id 400; payload without
+  Status, with EndpointID 0, or Error status without Error text 400; unknown stack 200 ``null``; unknown
+  environment 404; EdgeID check 403; else the status is appended to the environment's list (Removed deletes
+  the environment's entry) with Time 0 taken as now, and the stack answers 200.
+  A stack update (edgestacks/utils_update_stack_version.go) bumps Version and empties every status list.
 * Errors are libhttp's ``{"message","details"}`` with the details' first letter capitalised.
 """
 
@@ -142,6 +152,19 @@ class EdgeJob:
 
 
 @dataclass
+class EdgeStack:
+    id: int
+    name: str
+    files: dict[str, bytes]
+    """Project files by relative path (what Portainer stored from the editor: the entry file, maybe .env)."""
+    entry_file: str = "docker-compose.yml"
+    version: int = 1
+    endpoints: set[int] = field(default_factory=set)
+    status: dict[int, list[dict[str, Any]]] = field(default_factory=dict)
+    """Per environment, the reports as CE stores them: {"Type", "Error", "Time"}."""
+
+
+@dataclass
 class PollRecord:
     path: str
     headers: dict[str, str]
@@ -161,6 +184,11 @@ class PortainerStandin:
         self.endpoints: dict[int, Endpoint] = {}
         self.tunnels: dict[int, Tunnel] = {}
         self.jobs: dict[int, EdgeJob] = {}
+        self.stacks: dict[int, EdgeStack] = {}
+        self.stack_fetches: list[tuple[int, int, str]] = []
+        """(environment, stack, query string) of every stack fetch that was answered 200."""
+        self.stack_reports: list[tuple[int, int, int, str]] = []
+        """(stack, environment, Status, Error) of every status report that was accepted."""
         self.cache: dict[int, str] = {}
         self.polls: list[PollRecord] = []
         self.logs: list[tuple[int, int, str]] = []
@@ -188,6 +216,8 @@ class PortainerStandin:
         app.router.add_get("/api/endpoints/{id}/edge/status", self._status)
         app.router.add_post("/api/endpoints/global-key", self._global_key)
         app.router.add_post("/api/endpoints/{id}/edge/jobs/{jobID}/logs", self._job_logs)
+        app.router.add_get("/api/endpoints/{id}/edge/stacks/{stackId}", self._stack_inspect)
+        app.router.add_put("/api/edge_stacks/{id}/status", self._stack_status)
         self._runner = web.AppRunner(app, handle_signals=False, shutdown_timeout=0.5, access_log=None)
         await self._runner.setup()
         await web.TCPSite(self._runner, "127.0.0.1", self.port, ssl_context=ssl_context,
@@ -290,6 +320,45 @@ class PortainerStandin:
         for eid in job.endpoints:
             self.cache.pop(eid, None)
 
+    def add_stack(self, stack_id: int, name: str, compose: str, endpoint_ids: list[int],
+                  env_file: str | None = None) -> EdgeStack:
+        files = {"docker-compose.yml": compose.encode()}
+        if env_file is not None:
+            files[".env"] = env_file.encode()
+        stack = EdgeStack(stack_id, name, files, endpoints=set(endpoint_ids))
+        self.stacks[stack_id] = stack
+        self._drop_caches(stack.endpoints)
+        return stack
+
+    def update_stack(self, stack_id: int, compose: str) -> EdgeStack:
+        """utils_update_stack_version.go: new file, Version + 1, every environment's status list emptied."""
+        stack = self.stacks[stack_id]
+        stack.files[stack.entry_file] = compose.encode()
+        stack.version += 1
+        stack.status = {eid: [] for eid in stack.status}
+        self._drop_caches(stack.endpoints)
+        return stack
+
+    def unassign_stack(self, stack_id: int, endpoint_id: int) -> None:
+        """The environment leaves the stack's edge groups: the stack is no longer in its poll answer."""
+        self.stacks[stack_id].endpoints.discard(endpoint_id)
+        self._drop_caches({endpoint_id})
+
+    def delete_stack(self, stack_id: int) -> None:
+        stack = self.stacks.pop(stack_id)
+        self._drop_caches(stack.endpoints)
+
+    def reports(self, stack_id: int, endpoint_id: int) -> list[int]:
+        """Every accepted status report of the stack from the environment, in order (Removed included)."""
+        return [st for sid, eid, st, _ in self.stack_reports if sid == stack_id and eid == endpoint_id]
+
+    def report_errors(self, stack_id: int, endpoint_id: int) -> list[str]:
+        return [err for sid, eid, st, err in self.stack_reports if sid == stack_id and eid == endpoint_id and st == 2]
+
+    def _drop_caches(self, endpoint_ids: set[int] | list[int]) -> None:
+        for eid in endpoint_ids:
+            self.cache.pop(eid, None)
+
     def request_logs(self, job_id: int, endpoint_id: int) -> None:
         """edgejobs/edgejob_tasklogs_collect.go: CollectLogs on, status pending, cache dropped."""
         self.jobs[job_id].endpoints[endpoint_id] = JobMeta(True, LOGS_PENDING)
@@ -351,7 +420,8 @@ class PortainerStandin:
             "schedules": self._schedules(ep.id),
             "checkin": self.checkin,
             "credentials": tunnel.credentials if tunnel else "",
-            "stacks": [],
+            "stacks": [{"ID": st.id, "Version": st.version} for st in self.stacks.values()
+                       if ep.id in st.endpoints],
         })
         etag = format(fnv1a32(body), "x")
         self.cache[ep.id] = etag
@@ -442,3 +512,92 @@ class PortainerStandin:
         job.endpoints[endpoint_id] = JobMeta(False, LOGS_COLLECTED)
         self.cache.pop(endpoint_id, None)
         return web.Response(body=b"null", content_type="application/json")
+
+    # --- Edge stacks ---------------------------------------------------------------------------------------
+
+    def _edge_endpoint(self, request: web.Request) -> Endpoint | web.Response:
+        """middlewares.WithEndpoint + bouncer.AuthorizedEdgeEndpointOperation, as for job logs."""
+        endpoint_id = _endpoint_id(request)
+        if isinstance(endpoint_id, web.Response):
+            return endpoint_id
+        ep = self.endpoints.get(endpoint_id)
+        if ep is None:
+            return http_error(404, "Unable to find an environment with the specified identifier inside the database",
+                              "object not found inside the database")
+        edge_id = request.headers.get("X-PortainerAgent-EdgeID", "")
+        if not edge_id or (ep.edge_id and ep.edge_id != edge_id):
+            return http_error(403, "Permission denied to access environment",
+                              f"unauthorized edge endpoint operation: {'missing' if not edge_id else 'invalid'} "
+                              f"Edge identifier. Environment name: {ep.name}")
+        return ep
+
+    async def _stack_inspect(self, request: web.Request) -> web.Response:
+        ep = self._edge_endpoint(request)
+        if isinstance(ep, web.Response):
+            return ep
+        raw = request.match_info["stackId"]
+        try:
+            stack_id = int(raw, 10)
+        except ValueError:
+            return http_error(400, "Invalid edge stack identifier route variable",
+                              f'strconv.Atoi: parsing "{raw}": invalid syntax')
+        stack = self.stacks.get(stack_id)
+        if stack is None:
+            return http_error(404, "Unable to find an edge stack with the specified identifier inside the database",
+                              "object not found inside the database")
+        entries = []
+        for name in (stack.entry_file, ".env"):  # serialize.go FilterDirForEntryFile: the entry and its .env
+            if name in stack.files:
+                entries.append({"Name": name, "Content": base64.b64encode(stack.files[name]).decode(),
+                                "IsFile": True, "Permissions": 0o600})
+        legacy = not ep.agent_version or tuple(int(x) for x in ep.agent_version.split(".")[:3] if x.isdigit()) < (2, 19)
+        self.stack_fetches.append((ep.id, stack_id, request.query_string))
+        return web.Response(body=go_json({
+            "ID": 0, "Name": stack.name,
+            "StackFileContent": stack.files[stack.entry_file].decode() if legacy else "",
+            "DirEntries": entries, "EntryFileName": stack.entry_file, "Namespace": "default", "Version": 0,
+            "RollbackTo": None, "RegistryCredentials": None, "PrePullImage": False, "RePullImage": False,
+            "RetryDeploy": False, "EdgeUpdateID": 0, "SupportRelativePath": False, "FilesystemPath": "",
+            "EnvVars": None, "ReadyRePullImage": False,
+        }), content_type="application/json")
+
+    async def _stack_status(self, request: web.Request) -> web.Response:
+        raw = request.match_info["id"]
+        try:
+            stack_id = int(raw, 10)
+        except ValueError:
+            return http_error(400, "Invalid stack identifier route variable",
+                              f'strconv.Atoi: parsing "{raw}": invalid syntax')
+        try:
+            payload = json.loads(await request.read())
+            if not isinstance(payload, dict):
+                raise ValueError("not an object")
+        except ValueError as exc:
+            return http_error(400, "Invalid request payload", str(exc))
+        status, endpoint_id, error = payload.get("Status"), payload.get("EndpointID") or 0, payload.get("Error", "")
+        if status is None:
+            return http_error(400, "Invalid request payload", "Invalid status")
+        if not endpoint_id:
+            return http_error(400, "Invalid request payload", "Invalid EnvironmentID")
+        if status == 2 and not error:
+            return http_error(400, "Invalid request payload", "Error message is mandatory when status is error")
+        stack = self.stacks.get(stack_id)
+        if stack is None:
+            return web.Response(body=b"null", content_type="application/json")
+        ep = self.endpoints.get(endpoint_id)
+        if ep is None:
+            return http_error(404, "Unable to find an environment with the specified identifier inside the database",
+                              "object not found inside the database")
+        edge_id = request.headers.get("X-PortainerAgent-EdgeID", "")
+        if not edge_id or (ep.edge_id and ep.edge_id != edge_id):
+            return http_error(403, "Permission denied to access environment",
+                              f"unauthorized edge endpoint operation: {'missing' if not edge_id else 'invalid'} "
+                              f"Edge identifier. Environment name: {ep.name}")
+        self.stack_reports.append((stack_id, endpoint_id, status, error))
+        if status == 4:
+            stack.status.pop(endpoint_id, None)
+        else:
+            stack.status.setdefault(endpoint_id, []).append(
+                {"Type": status, "Error": error, "Time": payload.get("Time") or int(time.time())})
+        return web.Response(body=go_json({"Id": stack.id, "Name": stack.name, "Version": stack.version}),
+                            content_type="application/json")

@@ -128,7 +128,7 @@ async def test_bad_answers_are_logged_and_never_stop_polling(caplog: pytest.LogC
 def test_parse_and_backoff() -> None:
     parsed = parse_poll_response(b'{"status":"IDLE","port":0,"schedules":null,"checkin":5,"credentials":"",'
                                  b'"stacks":null}')
-    assert parsed == PollResponse("IDLE", 0, (), 5.0, "", ())
+    assert parsed == PollResponse("IDLE", 0, (), 5.0, "", None)
     with pytest.raises(PollError):
         parse_poll_response(b"[]")
     assert backoff_delay(5, 1, 60, lambda: 0.5) == 5.0

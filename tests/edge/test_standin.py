@@ -110,3 +110,45 @@ async def test_global_key_and_job_logs(portainer: PortainerStandin) -> None:
             assert resp.status == 200 and await resp.read() == b"null"
     assert portainer.logs_for(2, 4) == ["hello\n"]
     assert not portainer.jobs[2].endpoints[4].collect_logs
+
+
+async def test_stack_endpoints_follow_ce(portainer: PortainerStandin) -> None:
+    portainer.add_endpoint(4, edge_id=EDGE_ID)
+    portainer.add_stack(9, "web", "services: {}\n", [4], env_file="A=1\n")
+    # The poll answer lists the related stack with its version, nothing else.
+    status, body, _ = await get(portainer, "/api/endpoints/4/edge/status", HEADERS)
+    assert status == 200 and json.loads(body)["stacks"] == [{"ID": 9, "Version": 1}]
+
+    path = "/api/endpoints/4/edge/stacks/9?version=1"
+    assert (await get(portainer, "/api/endpoints/x/edge/stacks/9", HEADERS))[0] == 400
+    assert (await get(portainer, "/api/endpoints/5/edge/stacks/9", HEADERS))[0] == 404
+    assert (await get(portainer, path, {"X-PortainerAgent-EdgeID": "other"}))[0] == 403
+    assert (await get(portainer, "/api/endpoints/4/edge/stacks/x", HEADERS))[0] == 400
+    assert (await get(portainer, "/api/endpoints/4/edge/stacks/10", HEADERS))[0] == 404
+    status, body, _ = await get(portainer, path, HEADERS)
+    data = json.loads(body)
+    assert status == 200 and list(data)[:4] == ["ID", "Name", "StackFileContent", "DirEntries"]
+    assert data["StackFileContent"] == "", "agents from 2.19.0 on get the files in DirEntries only"
+    assert [e["Name"] for e in data["DirEntries"]] == ["docker-compose.yml", ".env"]
+    assert {e["Permissions"] for e in data["DirEntries"]} == {384}
+
+    async def put(stack: str, payload: object, edge_id: str = EDGE_ID) -> tuple[int, bytes]:
+        async with aiohttp.ClientSession() as http, http.put(
+                f"{portainer.url}/api/edge_stacks/{stack}/status", json=payload,
+                headers={"X-PortainerAgent-EdgeID": edge_id}) as resp:
+            return resp.status, await resp.read()
+
+    assert (await put("x", {"Status": 3, "EndpointID": 4}))[0] == 400
+    assert (await put("9", {"EndpointID": 4}))[0] == 400
+    assert (await put("9", {"Status": 3, "EndpointID": 0}))[0] == 400
+    assert (await put("9", {"Status": 2, "EndpointID": 4, "Error": ""}))[0] == 400
+    assert await put("77", {"Status": 3, "EndpointID": 4}) == (200, b"null")
+    assert (await put("9", {"Status": 3, "EndpointID": 5}))[0] == 404
+    assert (await put("9", {"Status": 3, "EndpointID": 4}, "other"))[0] == 403
+    assert (await put("9", {"Status": 3, "EndpointID": 4, "Time": 0}))[0] == 200
+    assert portainer.stacks[9].status[4][0]["Time"] > 0
+    portainer.update_stack(9, "services: {x: {image: y}}\n")
+    assert portainer.stacks[9].version == 2 and portainer.stacks[9].status == {4: []}
+    assert (await put("9", {"Status": 4, "EndpointID": 4}))[0] == 200
+    assert 4 not in portainer.stacks[9].status
+    assert portainer.reports(9, 4) == [3, 4]
