@@ -11,7 +11,9 @@ from __future__ import annotations
 import base64
 import contextlib
 import os
+import re
 import tempfile
+import uuid
 from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import urlsplit
@@ -179,3 +181,25 @@ def write_key_file(path: str | os.PathLike[str], key_text: str) -> None:
         with contextlib.suppress(OSError):
             os.unlink(tmp)
         raise
+
+
+EDGE_ID_FILE = "agent_edge_id"
+_EDGE_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:-]{0,127}$")
+
+
+def load_or_create_edge_id(data_path: str | os.PathLike[str]) -> tuple[str, bool]:
+    """(identifier, created now) from DATA_PATH/agent_edge_id, a new UUID written there when there is none.
+
+    Go uses EDGE_ID as given (Portainer's install script generates one); an agent started without it polls
+    with an empty identifier, which Portainer refuses. Keelson makes one once and keeps it, so the device keeps
+    its identity across restarts and a global (auto-onboarding) key works without it."""
+    path = Path(data_path) / EDGE_ID_FILE
+    try:
+        text = path.read_text(encoding="utf-8").strip()
+        if _EDGE_ID.match(text):
+            return text, False
+    except FileNotFoundError:
+        pass
+    edge_id = str(uuid.uuid4())
+    write_key_file(path, edge_id)
+    return edge_id, True

@@ -32,13 +32,23 @@ from aiohttp import web
 
 from agent.cluster.membership import Member
 from agent.config import EdgeOptions
-from agent.engine import read_engine_info
+from agent.engine import own_container, read_engine_info
 from agent.errors import Code, log_failure
 from agent.state import AgentState
 from agent.tasks import spawn
 from edge.client import PollError, PollResponse, PortainerClient, TlsFiles
+from edge.cronjobs import CronJobs
 from edge.gate import gate_middleware, handle_key
-from edge.key import EdgeKey, EdgeKeyError, KeyAlreadySetError, parse_edge_key, read_key_file, write_key_file
+from edge.key import (
+    EDGE_ID_FILE,
+    EdgeKey,
+    EdgeKeyError,
+    KeyAlreadySetError,
+    load_or_create_edge_id,
+    parse_edge_key,
+    read_key_file,
+    write_key_file,
+)
 from edge.poller import Poller
 from edge.schedules import ContainerJobRunner, Scheduler
 from edge.stacks.engines import ComposeEngine, StackEngine, SwarmEngine
@@ -46,6 +56,7 @@ from edge.stacks.manager import StackManager
 from edge.tunnel.base import ReverseTunnel, TunnelConfig
 from edge.tunnel.manager import TunnelManager
 from edge.ui import AssociationUI
+from edge.updates import clean_after_update
 
 log = logging.getLogger(__name__)
 
@@ -68,13 +79,15 @@ class EdgeRuntime:
         self.config = state.config
         self.options = options
         self.key: EdgeKey | None = None
+        self.edge_id = state.config.edge_id
+        """EDGE_ID, or the identifier generated and kept in DATA_PATH when it is empty."""
         self.key_text = ""
         self.key_source = ""
         self.ui: AssociationUI | None = None
         self.client: PortainerClient | None = None
         self.poller: Poller | None = None
         self.tunnels: TunnelManager | None = None
-        self.scheduler: Scheduler | None = None
+        self.scheduler: Scheduler | CronJobs | None = None
         self.stacks: StackManager | None = None
         self._lock = asyncio.Lock()
         self._started = False
@@ -102,7 +115,13 @@ class EdgeRuntime:
         runtime = cls(state, state.config.edge_options)
         config = state.config
         if not config.edge_id:
-            log.warning("EDGE_ID is empty: Portainer refuses polls without an Edge identifier")
+            try:
+                runtime.edge_id, created = await asyncio.to_thread(load_or_create_edge_id, config.data_path)
+                log.warning("EDGE_ID is empty: using %s identifier %s (DATA_PATH/%s)",
+                            "the new" if created else "the kept", runtime.edge_id, EDGE_ID_FILE)
+            except OSError as exc:
+                log_failure(Code.EDGE_KEY_STORE_FAILED, f"EDGE_ID is empty and none can be kept in "
+                            f"{config.data_path}: {exc}; Portainer refuses polls without an Edge identifier")
         if config.edge_async:
             log.warning("EDGE_ASYNC is not supported by Keelson: using the standard (polling) Edge mode")
         text, source = config.edge_key.strip(), "EDGE_KEY"
@@ -257,6 +276,8 @@ class EdgeRuntime:
     async def start(self) -> None:
         """Called once the API listens: start polling, or open the association page (never blocks)."""
         self._started = True
+        if self.config.update_id:
+            self._spawn(self._clean_after_update(self.config.update_id))
         if self.key is not None:
             self._start_services()
             return
@@ -294,24 +315,27 @@ class EdgeRuntime:
         self._services = True
         config = self.config
         self.client = PortainerClient(
-            key.portainer_url, config.edge_id, key.endpoint_id, update_id=config.update_id,
+            key.portainer_url, self.edge_id, key.endpoint_id, update_id=config.update_id,
             tls=TlsFiles(config.mtls_cert, config.mtls_key, config.mtls_ca, config.edge_insecure_poll),
             edge_groups=config.edge_groups, tags=config.portainer_tags, environment_group=config.portainer_group,
         )
         if config.edge_tunnel:
             self.tunnels = TunnelManager(
                 self._make_tunnel, server=self._tunnel_server(key), fingerprint=key.fingerprint,
-                local_host=self.listen_host, local_port=config.agent_port, edge_id=config.edge_id,
+                local_host=self.listen_host, local_port=config.agent_port, edge_id=self.edge_id,
                 inactivity_timeout=config.edge_inactivity_timeout,
                 proxy=config.edge_tunnel_proxy or None,  # the flags --edge-tunnel-http(s)-proxy, or the variables
             )
             self.tunnels.start()
-        runner = ContainerJobRunner(self.state.docker, self.options.job_image, self.options.job_memory,
-                                    self.options.job_cpus, self.options.job_timeout)
-        self._spawn(runner.remove_leftovers())
-        self.scheduler = Scheduler(runner, config.data_path / "edge_jobs", self.client.send_job_logs)
+        if self.options.job_runner == "container":
+            runner = ContainerJobRunner(self.state.docker, self.options.job_image, self.options.job_memory,
+                                        self.options.job_cpus, self.options.job_timeout)
+            self._spawn(runner.remove_leftovers())
+            self.scheduler = Scheduler(runner, config.data_path / "edge_jobs", self.client.send_job_logs)
+        else:
+            self.scheduler = CronJobs(config.host_root, self.client.send_job_logs)
         self.stacks = StackManager(self.client, self._stack_engine, config.data_path / "edge_stacks",
-                                   edge_id=config.edge_id, docker_host=config.docker.url,
+                                   edge_id=self.edge_id, docker_host=config.docker.url,
                                    retry=self.options.stack_retry, active=self._should_poll)
         self.stacks.start()
         self.poller = Poller(self.client, self._on_status, global_key=key.is_global,
@@ -341,6 +365,14 @@ class EdgeRuntime:
         if info.swarm:
             return SwarmEngine(docker, compose=self.options.compose)
         return ComposeEngine(docker, compose=self.options.compose)
+
+    async def _clean_after_update(self, update_id: int) -> None:
+        docker = self.state.docker
+        try:
+            own = await own_container(docker)
+        except (aiodocker.DockerError, aiohttp.ClientError, OSError, TimeoutError):
+            own = None
+        await clean_after_update(docker, update_id, own["Id"] if own else "")
 
     async def _should_poll(self) -> bool:
         """Only a standalone engine or the Swarm leader polls (Go: checkDockerRuntimeConfig every 5 s)."""

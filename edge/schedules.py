@@ -1,8 +1,9 @@
-"""Edge jobs: the poll response's ``schedules`` run on their cron expressions, each run in a throwaway container.
+"""Edge jobs, sandboxed (KEELSON_EDGE_JOB_RUNNER=container): each run of a schedule in a throwaway container.
 
 Go (edge/scheduler/scheduler.go) writes every script to the HOST (/opt/portainer/scripts/schedule_<id>) and a
 line per job into the host's /etc/cron.d, so a job runs as root on the host with its output in
-schedule_<id>.log. Keelson runs the script in a fresh container instead: KEELSON_EDGE_JOB_IMAGE, memory and
+schedule_<id>.log; that is Keelson's default too (edge/cronjobs.py). This runner puts the script in a fresh
+container instead: KEELSON_EDGE_JOB_IMAGE, memory and
 CPU limits, no network, no mounts, removed afterwards. Which logs go back and when follows Go
 (scheduler/logs.go): the output of the latest run is kept (DATA_PATH/edge_jobs/schedule_<id>.log) and is
 sent with ``POST .../edge/jobs/<id>/logs`` whenever a poll lists the job with ``CollectLogs`` true
@@ -46,10 +47,75 @@ SCRIPT_DIR = "/portainer_job"
 LogSender = Callable[[int, str], Awaitable[None]]
 
 
+LOG_CAP = 1024 * 1024
+"""Output kept of one run, and the most of a log sent to Portainer (its tail)."""
+_FLUSH = 64 * 1024
+
+
 class JobRunner(Protocol):
-    async def run(self, job_id: int, script: bytes) -> str:
-        """Run one script to completion; returns its combined output (stdout and stderr)."""
+    async def run(self, job_id: int, script: bytes, output: CappedLog) -> None:
+        """Run one script to completion, its combined output (stdout and stderr) written to ``output``."""
         ...
+
+
+class CappedLog:
+    """A run's output written to a file as it comes (in a thread, 64 KiB at a time), at most ``cap`` bytes."""
+
+    def __init__(self, path: Path, cap: int = LOG_CAP) -> None:
+        self.path = path
+        self.cap = cap
+        self.written = 0
+        self.dropped = 0
+        self._buffer = bytearray()
+        self._fh: Any = None
+
+    async def __aenter__(self) -> CappedLog:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self._fh = await asyncio.to_thread(open, self.path, "wb")
+        return self
+
+    async def write(self, data: bytes | str) -> None:
+        raw = data.encode() if isinstance(data, str) else data
+        room = self.cap - self.written - len(self._buffer)
+        if room < len(raw):
+            self.dropped += len(raw) - max(room, 0)
+            raw = raw[:max(room, 0)]
+        self._buffer += raw
+        if len(self._buffer) >= _FLUSH:
+            await self._flush()
+
+    async def _flush(self) -> None:
+        if self._buffer:
+            chunk, self._buffer = bytes(self._buffer), bytearray()
+            await asyncio.to_thread(self._fh.write, chunk)
+            self.written += len(chunk)
+
+    async def __aexit__(self, *exc: object) -> None:
+        if self.dropped:
+            self._buffer += f"\n[keelson] {self.dropped} more bytes of output not kept (cap {self.cap})\n".encode()
+        await self._flush()
+        await asyncio.to_thread(self._fh.close)
+
+
+def read_log_tail(path: Path, cap: int = LOG_CAP) -> str:
+    """At most the last ``cap`` bytes of a log ("" when there is none); call it in a thread."""
+    try:
+        with open(path, "rb") as fh:
+            size = fh.seek(0, os.SEEK_END)
+            fh.seek(max(0, size - cap))
+            return fh.read().decode("utf-8", "replace")
+    except FileNotFoundError:
+        return ""
+
+
+async def send_job_log(send_logs: LogSender, job_id: int, path: Path) -> None:
+    """One log upload (Go: edge/scheduler/logs.go), failures logged."""
+    try:
+        content = await asyncio.to_thread(read_log_tail, path)
+        await send_logs(job_id, content)
+        log.info("Edge job %d log sent (%d bytes)", job_id, len(content))
+    except Exception as exc:
+        log_failure(Code.EDGE_JOB_FAILED, f"sending the log of Edge job {job_id} failed: {exc}")
 
 
 def _script_tar(job_id: int, script: bytes) -> bytes:
@@ -104,7 +170,7 @@ class ContainerJobRunner:
             },
         }
 
-    async def run(self, job_id: int, script: bytes) -> str:
+    async def run(self, job_id: int, script: bytes, output: CappedLog) -> None:
         await self._ensure_image()
         name = f"keelson-edge-job-{job_id}-{uuid.uuid4().hex[:8]}"
         creating = spawn(self.docker.containers.create(self.container_config(job_id), name=name), "edge-job-create",
@@ -129,8 +195,9 @@ class ContainerJobRunner:
                 with contextlib.suppress(aiodocker.DockerError):
                     await container.kill()
                 note = f"\n[keelson] job killed after {self.timeout:g}s (KEELSON_EDGE_JOB_TIMEOUT)\n"
-            lines = await container.log(stdout=True, stderr=True)
-            return "".join(lines) + note
+            async for chunk in container.log(stdout=True, stderr=True, follow=True):  # streamed, not listed
+                await output.write(chunk)
+            await output.write(note)
         finally:
             with contextlib.suppress(aiodocker.DockerError):
                 await container.delete(force=True)
@@ -157,12 +224,14 @@ def validate_schedule(schedule: Schedule) -> bytes:
         raise ValueError("script is not base64") from None
 
 
-def _write_atomic(path: Path, text: str) -> None:
+def write_atomic(path: Path, data: bytes, mode: int = 0o600) -> None:
+    """Write beside ``path`` and rename over it (never half a file, never through a link at ``path``)."""
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
     try:
-        with os.fdopen(fd, "w", encoding="utf-8") as fh:
-            fh.write(text)
+        with os.fdopen(fd, "wb") as fh:
+            fh.write(data)
+        os.chmod(tmp, mode)
         os.replace(tmp, path)
     except BaseException:
         with contextlib.suppress(OSError):
@@ -271,32 +340,30 @@ class Scheduler:
         job_id = job.schedule.id
         job.runs += 1
         log.info("Edge job %d run %d starting", job_id, job.runs)
+        fresh = self.log_path(job_id).with_name(f".schedule_{job_id}.log.{job.runs}")
         try:
-            output = await self.runner.run(job_id, job.script)
-        except asyncio.CancelledError:
-            raise
-        except Exception as exc:
-            log_failure(Code.EDGE_JOB_FAILED, f"Edge job {job_id} could not run: {exc}")
-            output = f"[keelson] the job could not run: {exc}\n"
-        if self.jobs.get(job_id) is not job:
-            return  # removed or replaced while running
-        try:
-            await asyncio.to_thread(_write_atomic, self.log_path(job_id), output)
+            async with CappedLog(fresh) as output:
+                try:
+                    await self.runner.run(job_id, job.script, output)
+                except (asyncio.CancelledError, OSError):
+                    raise
+                except Exception as exc:
+                    log_failure(Code.EDGE_JOB_FAILED, f"Edge job {job_id} could not run: {exc}")
+                    await output.write(f"[keelson] the job could not run: {exc}\n")
+            if self.jobs.get(job_id) is not job:
+                return  # removed or replaced while running
+            await asyncio.to_thread(os.replace, fresh, self.log_path(job_id))
+            log.info("Edge job %d run %d finished (%d bytes of output)", job_id, job.runs, output.written)
         except OSError as exc:
             log_failure(Code.EDGE_JOB_FAILED, f"cannot store the log of Edge job {job_id}: {exc}")
-        log.info("Edge job %d run %d finished (%d bytes of output)", job_id, job.runs, len(output))
+        finally:
+            with contextlib.suppress(OSError):
+                fresh.unlink()
 
     async def _send(self, job_id: int) -> None:
         self._sending.add(job_id)
         try:
-            try:
-                content = self.log_path(job_id).read_text(encoding="utf-8", errors="replace")
-            except FileNotFoundError:
-                content = ""
-            await self.send_logs(job_id, content)
-            log.info("Edge job %d log sent (%d bytes)", job_id, len(content))
-        except Exception as exc:
-            log_failure(Code.EDGE_JOB_FAILED, f"sending the log of Edge job {job_id} failed: {exc}")
+            await send_job_log(self.send_logs, job_id, self.log_path(job_id))
         finally:
             self._sending.discard(job_id)
 

@@ -187,9 +187,8 @@ class SwarmEngine:
         await run_command([self.cli, "stack", "rm", project], cwd=None, env=env, timeout=600.0)
 
     async def status(self, project: str) -> ProjectStatus:
-        label = {"label": [f"{STACK_NAMESPACE_LABEL}={project}"]}
-        services = await self.docker.services.list(filters=label)
-        tasks = await self.docker.tasks.list(filters=label) if services else []
+        services = await self.docker.services.list(filters={"label": [f"{STACK_NAMESPACE_LABEL}={project}"]})
+        tasks = await self.docker.tasks.list(filters={"service": [s["ID"] for s in services]}) if services else []
         return swarm_status(services, tasks)
 
 

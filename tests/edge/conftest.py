@@ -275,6 +275,7 @@ def edge_agents(engine: PrivateDockerd, tmp_path: Path) -> Iterator[AgentFactory
             "EDGE": "1",
             "EDGE_ID": EDGE_ID,
             "KEELSON_ADVERTISE_ADDR": "127.0.0.1",
+            "KEELSON_EDGE_JOB_RUNNER": "container",  # the host's cron is not the test's to touch
             "KEELSON_EDGE_JOB_IMAGE": "busybox:local",
             "KEELSON_EDGE_POLL_INTERVAL": "1s",
             "KEELSON_EDGE_POLL_MAX_BACKOFF": "2s",

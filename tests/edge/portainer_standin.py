@@ -170,12 +170,17 @@ class PollRecord:
     headers: dict[str, str]
     status: int
     at: float
+    peer: str = ""
+    """The address the poll came from."""
 
 
 class PortainerStandin:
     def __init__(self, chisel: ChiselTestServer | None = None, checkin: int = 5,
-                 trust_on_first_connect: bool = False, tunnel_user: str | None = None) -> None:
+                 trust_on_first_connect: bool = False, tunnel_user: str | None = None,
+                 host: str = "127.0.0.1") -> None:
         self.chisel = chisel
+        self.host = host
+        """Where it listens: loopback, or a test network's own address (agents in namespaces)."""
         self.tunnel_user = tunnel_user
         """Test knob for the ssh transport: hand out this user (an account of the test sshd) instead of a
         random one."""
@@ -203,14 +208,14 @@ class PortainerStandin:
 
     @property
     def url(self) -> str:
-        return f"{'https' if self.tls else 'http'}://127.0.0.1:{self.port}"
+        return f"{'https' if self.tls else 'http'}://{self.host}:{self.port}"
 
     @property
     def running(self) -> bool:
         return self._runner is not None
 
     async def start(self, ssl_context: ssl.SSLContext | None = None) -> None:
-        """Listen on 127.0.0.1 (the same port again after stop(), so agents find it back)."""
+        """Listen on ``host`` (the same port again after stop(), so agents find it back)."""
         self.tls = ssl_context is not None
         app = web.Application()
         app.router.add_get("/api/endpoints/{id}/edge/status", self._status)
@@ -220,7 +225,7 @@ class PortainerStandin:
         app.router.add_put("/api/edge_stacks/{id}/status", self._stack_status)
         self._runner = web.AppRunner(app, handle_signals=False, shutdown_timeout=0.5, access_log=None)
         await self._runner.setup()
-        await web.TCPSite(self._runner, "127.0.0.1", self.port, ssl_context=ssl_context,
+        await web.TCPSite(self._runner, self.host, self.port, ssl_context=ssl_context,
                           reuse_address=True).start()
         self.port = self._runner.addresses[0][1]
 
@@ -374,7 +379,8 @@ class PortainerStandin:
     # --- handlers ----------------------------------------------------------------------------------------
 
     def _record(self, request: web.Request, response: web.Response) -> web.Response:
-        self.polls.append(PollRecord(request.path, dict(request.headers), response.status, time.monotonic()))
+        self.polls.append(PollRecord(request.path, dict(request.headers), response.status, time.monotonic(),
+                                     request.remote or ""))
         return response
 
     async def _status(self, request: web.Request) -> web.Response:

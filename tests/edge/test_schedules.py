@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from edge.client import Schedule
-from edge.schedules import JOB_LABEL, ContainerJobRunner, Scheduler, validate_schedule
+from edge.schedules import JOB_LABEL, CappedLog, ContainerJobRunner, Scheduler, validate_schedule
 from tests.edge.conftest import eventually
 
 pytestmark = pytest.mark.edge
@@ -27,11 +27,11 @@ class FakeRunner:
         self.calls: list[tuple[int, bytes]] = []
         self.block: asyncio.Event | None = None
 
-    async def run(self, job_id: int, script: bytes) -> str:
+    async def run(self, job_id: int, script: bytes, output: CappedLog) -> None:
         self.calls.append((job_id, script))
         if self.block is not None:
             await self.block.wait()
-        return f"ran {script.decode()}\n"
+        await output.write(f"ran {script.decode()}\n")
 
 
 async def test_jobs_are_added_replaced_removed_and_logs_sent(tmp_path: Path) -> None:
