@@ -1,4 +1,4 @@
-"""Scenario 3: fan-out on the real namespace Swarm (tools/swarm.py): N nodes, C created (not running) containers
+"""Scenario 3: fan-out on the real namespace Swarm (tools/swarm/): N nodes, C created (not running) containers
 per node. GET /containers/json?all=1 through one agent vs each node's engine queried directly (alone, and
 all at once: on 2 cores three engines listing at the same time share the CPU), then with one node
 blackholed (link_down) the answer time vs the per-node deadline KEELSON_FANOUT_TIMEOUT."""

@@ -1,10 +1,5 @@
-"""Edge mode wiring: find the key, gate the API, and run poller, tunnel manager and scheduler once a key is set.
-
-Key lookup order (Go: edge/key.go RetrieveEdgeKey, cmd/agent/main.go): EDGE_KEY; DATA_PATH/agent_edge_key;
-a cluster member tagged EdgeKeySet (``GET http://<member>:<port>/key``, unsigned, 3 s, as Go's
-client.APIClient); else the association page. A key set any way is written to the key file (atomically,
-0600) and tags this node ``EdgeKeySet=set``; one set through the page or ``POST /key`` is also offered to
-the members without one (``POST /key``, as Go's PropagateKeyInCluster).
+"""Edge mode's assembly: the key (edge/keystore.py) or the association page, the gate, and once a key is set
+the poller, tunnel manager, jobs and stacks.
 
 Go answers 403 to every request, ``/key`` included, while no key is set, which makes its ``POST /key`` and
 key propagation unreachable. Here ``GET /key`` always answers (404 without a key) and ``POST /key`` is
@@ -19,11 +14,9 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
-import json
 import logging
 import ssl
 from collections.abc import Coroutine
-from pathlib import Path
 from typing import Any
 
 import aiodocker
@@ -34,6 +27,7 @@ from agent.cluster.membership import Member
 from agent.config import EdgeOptions
 from agent.engine import own_container, read_engine_info
 from agent.errors import Code, log_failure
+from agent.netaddr import host_port
 from agent.state import AgentState
 from agent.tasks import spawn
 from edge.client import PollError, PollResponse, PortainerClient, TlsFiles
@@ -45,10 +39,8 @@ from edge.key import (
     EdgeKeyError,
     KeyAlreadySetError,
     load_or_create_edge_id,
-    parse_edge_key,
-    read_key_file,
-    write_key_file,
 )
+from edge.keystore import KeyStore
 from edge.poller import Poller
 from edge.schedules import ContainerJobRunner, Scheduler
 from edge.stacks.engines import ComposeEngine, StackEngine, SwarmEngine
@@ -60,15 +52,8 @@ from edge.updates import clean_after_update
 
 log = logging.getLogger(__name__)
 
-KEY_FILE = "agent_edge_key"
-TAG_EDGE_KEY_SET = "EdgeKeySet"
-PEER_KEY_TIMEOUT = 3.0
 LEADER_CHECK_INTERVAL = 5.0
 
-
-
-def _host_port(host: str, port: int) -> str:
-    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
 
 class EdgeRuntime:
@@ -78,18 +63,15 @@ class EdgeRuntime:
         self.state = state
         self.config = state.config
         self.options = options
-        self.key: EdgeKey | None = None
+        self.keys = KeyStore(state)
         self.edge_id = state.config.edge_id
         """EDGE_ID, or the identifier generated and kept in DATA_PATH when it is empty."""
-        self.key_text = ""
-        self.key_source = ""
         self.ui: AssociationUI | None = None
         self.client: PortainerClient | None = None
         self.poller: Poller | None = None
         self.tunnels: TunnelManager | None = None
         self.scheduler: Scheduler | CronJobs | None = None
         self.stacks: StackManager | None = None
-        self._lock = asyncio.Lock()
         self._started = False
         self._services = False
         self._tasks: set[asyncio.Task[Any]] = set()
@@ -99,10 +81,6 @@ class EdgeRuntime:
         """Loop time until which a key may still arrive by POST /key or from the cluster (the page's window)."""
 
     # --- construction and key lookup ---------------------------------------------------------------------
-
-    @property
-    def key_path(self) -> Path:
-        return self.config.data_path / KEY_FILE
 
     @property
     def listen_host(self) -> str:
@@ -124,108 +102,33 @@ class EdgeRuntime:
                             f"{config.data_path}: {exc}; Portainer refuses polls without an Edge identifier")
         if config.edge_async:
             log.warning("EDGE_ASYNC is not supported by Keelson: using the standard (polling) Edge mode")
-        text, source = config.edge_key.strip(), "EDGE_KEY"
-        if text:
-            key = parse_edge_key(text)
-        else:
-            try:
-                text = read_key_file(runtime.key_path) or ""
-            except OSError as exc:
-                log_failure(Code.EDGE_KEY_STORE_FAILED, f"cannot read {runtime.key_path}: {exc}")
-                text = ""
-            source = str(runtime.key_path)
-            if text:
-                try:
-                    key = parse_edge_key(text)
-                except EdgeKeyError as exc:
-                    raise EdgeKeyError(f"{exc} (in {runtime.key_path}: fix or remove the file)") from None
-            else:
-                text, source = await runtime._key_from_cluster()
-                if not text:
-                    return runtime
-                try:
-                    key = parse_edge_key(text)
-                except EdgeKeyError as exc:
-                    log_failure(Code.EDGE_KEY_INVALID, f"the key handed over by {source} is unusable: {exc}")
-                    return runtime
-        await runtime._adopt(key, text, source, persist=source != str(runtime.key_path))
+        await runtime.keys.lookup()
         return runtime
 
-    async def _adopt(self, key: EdgeKey, text: str, source: str, persist: bool) -> None:
-        self.key, self.key_text, self.key_source = key, text.strip(), source
-        log.info("Edge key loaded from %s (Portainer %s, tunnel %s, endpoint %s)", source, key.portainer_url,
-                 key.tunnel_addr, key.endpoint_id or "global")
-        if not key.portainer_url.startswith("https://"):
-            log.warning("the Edge key's Portainer URL is not https: polls and job logs travel unencrypted")
-        if persist:
-            try:
-                await asyncio.to_thread(write_key_file, self.key_path, self.key_text)
-            except OSError as exc:
-                log_failure(Code.EDGE_KEY_STORE_FAILED, f"the Edge key is used but cannot be stored in "
-                            f"{self.key_path}: {exc}")
-        await self.state.membership.set_tags({TAG_EDGE_KEY_SET: "set"})
+    @property
+    def key(self) -> EdgeKey | None:
+        return self.keys.key
 
-    def _peers(self) -> list[Member]:
-        me = self.state.info.node_name
-        return [m for m in self.state.members() if m.node_name != me]
-
-    async def _key_from_cluster(self) -> tuple[str, str]:
-        """(key text, source) from the first member tagged EdgeKeySet that hands it over, else ("", "")."""
-        for member in self._peers():
-            if not member.edge_key_set:
-                continue
-            url = f"http://{_host_port(member.ip, member.agent_port)}/key"
-            try:
-                async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=PEER_KEY_TIMEOUT)) as http, \
-                        http.get(url) as resp:
-                    body = await resp.read()
-                    if resp.status != 200:
-                        raise ValueError(f"HTTP {resp.status}")
-                data = json.loads(body)
-                text = data.get("key") if isinstance(data, dict) else None
-                if isinstance(text, str) and text:
-                    return text, f"cluster member {member.node_name}"
-                raise ValueError("no key in the answer")
-            except (aiohttp.ClientError, TimeoutError, OSError, ValueError) as exc:
-                log_failure(Code.EDGE_KEY_HANDOVER_FAILED, f"cannot get the Edge key from member {member.node_name}: "
-                            f"{exc or type(exc).__name__}", url=url)
-        return "", ""
+    @property
+    def key_source(self) -> str:
+        return self.keys.source
 
     # --- setting the key later (page, API, cluster) ------------------------------------------------------
 
     async def set_key(self, text: str, source: str) -> None:
         """Raises EdgeKeyError (malformed) or KeyAlreadySetError; starts the Edge services on success."""
-        async with self._lock:
-            if self.key is not None:
-                raise KeyAlreadySetError("An Edge key is already associated to this agent")
-            key = parse_edge_key(text)
-            await self._adopt(key, text, source, persist=True)
+        await self.keys.take(text, source)
         if self._started:
             self._start_services()
         if self.ui is not None and source != "association page":
             self.ui.close_soon()
         if not source.startswith("cluster"):
-            self._spawn(self._propagate())
-
-    async def _propagate(self) -> None:
-        """Offer the key to members without one (Go: PropagateKeyInCluster), one attempt each."""
-        for member in self._peers():
-            if member.edge_key_set:
-                continue
-            url = f"http://{_host_port(member.ip, member.agent_port)}/key"
-            try:
-                async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=PEER_KEY_TIMEOUT)) as http, \
-                        http.post(url, json={"Key": self.key_text}) as resp:
-                    if resp.status not in (204, 409):
-                        raise ValueError(f"HTTP {resp.status}")
-            except (aiohttp.ClientError, TimeoutError, OSError, ValueError) as exc:
-                log_failure(Code.EDGE_KEY_HANDOVER_FAILED, f"cannot hand the Edge key to member {member.node_name}: "
-                            f"{exc or type(exc).__name__}", url=url)
+            self._spawn(self.keys.propagate())
 
     @property
     def accepting_keys(self) -> bool:
         """No key yet and still inside the association window (see the module docstring)."""
-        return self.key is None and asyncio.get_running_loop().time() < self._accept_until
+        return self.keys.key is None and asyncio.get_running_loop().time() < self._accept_until
 
     def _members_changed(self, members: list[Member]) -> None:
         """While waiting for a key: take it from a member that got one (ours; Go looks only at start)."""
@@ -238,7 +141,7 @@ class EdgeRuntime:
     async def _fetch_from_cluster(self) -> None:
         self._fetching = True
         try:
-            text, source = await self._key_from_cluster()
+            text, source = await self.keys.from_cluster()
             if text and self.key is None:
                 with contextlib.suppress(KeyAlreadySetError):
                     await self.set_key(text, source)
@@ -289,13 +192,13 @@ class EdgeRuntime:
             await self.ui.start()
         except OSError as exc:
             log_failure(Code.EDGE_UI_FAILED, f"no Edge key, and the association page cannot listen on "
-                        f"{_host_port(self.config.edge_server_host, self.config.edge_server_port)}: {exc}; "
+                        f"{host_port(self.config.edge_server_host, self.config.edge_server_port)}: {exc}; "
                         "set EDGE_KEY or POST /key")
             self.ui = None
 
     def _tunnel_server(self, key: EdgeKey) -> str:
         if self.options.transport == "ssh":
-            return _host_port(key.tunnel_host, key.tunnel_port)
+            return host_port(key.tunnel_host, key.tunnel_port)
         return key.tunnel_url
 
     def _make_tunnel(self, config: TunnelConfig) -> ReverseTunnel:

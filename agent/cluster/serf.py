@@ -24,6 +24,7 @@ from typing import Any
 from agent.cluster.membership import ROLE_WORKER, Member, MembersListener
 from agent.cluster.serf_rpc import Record, SerfMember, SerfRPCClient, SerfRPCError, decode_member
 from agent.errors import Code, log_failure
+from agent.netaddr import host_port, split_host_port
 from agent.tasks import spawn, supervise
 
 log = logging.getLogger(__name__)
@@ -76,25 +77,10 @@ def choose_profile(probe_timeout: float, probe_interval: float) -> str:
     return name
 
 
-def _host_port(host: str, port: int) -> str:
-    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
-
-
-def _split_host_port(item: str) -> tuple[str, str | None]:
-    """'h', 'h:p', '[v6]:p' or a bare v6 literal -> (host, port or None)."""
-    if item.startswith("["):
-        host, _, rest = item[1:].partition("]")
-        return host, rest[1:] if rest.startswith(":") and rest[1:] else None
-    if item.count(":") == 1:
-        host, port = item.split(":")
-        return host, port or None
-    return item, None
-
-
 def normalize_join_address(addr: str, default_port: int = DEFAULT_SERF_PORT) -> str:
     """'ip' or 'ip:port' (names too) -> 'host:port' as serf's join expects."""
-    host, port = _split_host_port(addr.strip())
-    return _host_port(host, int(port) if port else default_port)
+    host, port = split_host_port(addr.strip())
+    return host_port(host, int(port) if port else default_port)
 
 
 async def resolve_join_addresses(name: str) -> list[str]:
@@ -108,7 +94,7 @@ async def resolve_join_addresses(name: str) -> list[str]:
     for item in (part.strip() for part in name.split(",")):
         if not item:
             continue
-        host, port = _split_host_port(item)
+        host, port = split_host_port(item)
         try:
             addrs = [str(ipaddress.ip_address(host))]
         except ValueError:
@@ -118,7 +104,7 @@ async def resolve_join_addresses(name: str) -> list[str]:
                 raise OSError(f"{host!r} is not a valid host name: {exc}") from None
             addrs = [str(info[4][0]) for info in infos]
         for addr in addrs:
-            entry = addr if port is None else _host_port(addr, int(port))
+            entry = addr if port is None else host_port(addr, int(port))
             if entry not in result:
                 result.append(entry)
     return result
@@ -261,7 +247,7 @@ class SerfMembership:
                     if alone:
                         log_failure(Code.CLUSTER_JOIN_FAILED, "cluster address lookup failed", error=exc)
                     targets = []
-                alive = {_host_port(m.addr, m.port) for m in self._known.values() if m.status == "alive"}
+                alive = {host_port(m.addr, m.port) for m in self._known.values() if m.status == "alive"}
                 wanted = [t for t in dict.fromkeys(targets) if normalize_join_address(t) not in alive]
                 if not wanted:
                     continue
@@ -374,10 +360,10 @@ class SerfMembership:
 
     def _command(self, rpc_port: int, tags: dict[str, str]) -> list[str]:
         cmd = [self.serf_binary, "agent", "-node", self.serf_node_name]
-        cmd += ["-bind", _host_port(self.bind_ip, self.bind_port), "-rpc-addr", f"127.0.0.1:{rpc_port}"]
+        cmd += ["-bind", host_port(self.bind_ip, self.bind_port), "-rpc-addr", f"127.0.0.1:{rpc_port}"]
         cmd += ["-config-file", self._config_path, "-log-level", "warn"]
         if not ipaddress.ip_address(self.advertise_ip).is_unspecified:
-            cmd += ["-advertise", _host_port(self.advertise_ip, self.bind_port)]
+            cmd += ["-advertise", host_port(self.advertise_ip, self.bind_port)]
         for key, value in tags.items():
             cmd += ["-tag", f"{key}={value}"]
         return cmd
@@ -480,7 +466,7 @@ class SerfMembership:
     def _rejoin_targets(self) -> list[str]:
         """Everyone we last saw alive plus the addresses join() was given."""
         targets = [
-            _host_port(m.addr, m.port)
+            host_port(m.addr, m.port)
             for m in self._known.values()
             if m.status == "alive" and m.name != self.serf_node_name and m.addr
         ]

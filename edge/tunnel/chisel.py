@@ -47,6 +47,7 @@ import asyncssh
 from asyncssh.constants import MSG_REQUEST_SUCCESS, OPEN_ADMINISTRATIVELY_PROHIBITED
 from asyncssh.packet import SSHPacket
 
+from agent.netaddr import host_port
 from edge.tunnel.base import TunnelConfig, TunnelConnectError, TunnelRefusedError
 from edge.tunnel.sshbase import HostKeyChecker, SSHConnectionTunnel, client_options
 from edge.tunnel.websocket import WebSocketTransport
@@ -90,13 +91,9 @@ def proxy_from_env(url: str) -> str | None:
     return None
 
 
-def _join_host_port(host: str, port: int) -> str:
-    return f"[{host}]:{port}" if ":" in host and not host.startswith("[") else f"{host}:{port}"
-
-
 def chisel_config(config: TunnelConfig, version: str = CLIENT_VERSION) -> dict[str, Any]:
     """The ``config`` request body for the one remote R:<bind>:<remote_port>:<agent host>:<agent port>."""
-    target = _join_host_port(config.local_host, config.local_port)
+    target = host_port(config.local_host, config.local_port)
     remote_host, _, remote_port = target.rpartition(":")
     return {
         "Version": version,
@@ -173,7 +170,7 @@ class _ServerVersionFixup(asyncio.Protocol):
 
 def _install_chisel_handlers(conn: asyncssh.SSHClientConnection, target_host: str, target_port: int) -> None:
     """Accept ``chisel`` channels to our one target (piped with half-close) and answer ``ping``."""
-    expected = _join_host_port(target_host, target_port).encode()
+    expected = host_port(target_host, target_port).encode()
 
     def open_chisel(packet: SSHPacket) -> tuple[asyncssh.SSHTCPChannel[bytes], Any]:
         requested = packet.get_remaining_payload()

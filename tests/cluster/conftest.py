@@ -1,4 +1,4 @@
-"""The namespace Swarm (tools/swarm.py) of the cluster tests: built once a session, removed at the end."""
+"""The namespace Swarm (tools/swarm/) of the cluster tests: built once a session, removed at the end."""
 
 from __future__ import annotations
 

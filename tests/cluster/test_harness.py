@@ -1,4 +1,4 @@
-"""The namespace Swarm harness itself (tools/swarm.py), on real dockerds in real network namespaces."""
+"""The namespace Swarm harness itself (tools/swarm/), on real dockerds in real network namespaces."""
 
 from __future__ import annotations
 

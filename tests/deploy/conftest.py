@@ -1,5 +1,5 @@
 """Session-wide parts of the deployment tests: the agent image (built once, cached by content under
-.local/image/) and a namespace Swarm of their own (tools/swarm.py), since the node-removal test changes it."""
+.local/image/) and a namespace Swarm of their own (tools/swarm/), since the node-removal test changes it."""
 
 from __future__ import annotations
 
