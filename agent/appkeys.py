@@ -9,13 +9,8 @@ from aiohttp import web
 if TYPE_CHECKING:
     import aiodocker
 
-    from agent.state import AgentState
-
 DOCKER: web.AppKey[aiodocker.Docker] = web.AppKey("docker")
 """aiodocker client for the agent's own calls (volume inspect)."""
 HOST_ROOT_KEY: web.AppKey[str] = web.AppKey("host_root", str)
 """Where the host's `/` is mounted (KEELSON_HOST_ROOT): host info and browsing without a volume read there."""
 DEFAULT_HOST_ROOT = "/host"
-STATE: web.AppKey[AgentState] = web.AppKey("state")
-"""Everything the handlers share: config, verifier, metrics, engine, membership, peers (type only here:
-the assembly's state, which the agent API handlers read)."""

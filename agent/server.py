@@ -18,7 +18,7 @@ from agent.api.dockerhub import DOCKERHUB_AUTH_URL, DOCKERHUB_REGISTRY_URL, dock
 from agent.api.host import host_info
 from agent.api.key import handle_key
 from agent.api.websocket import handle_websocket
-from agent.appkeys import DOCKER, HOST_ROOT_KEY, STATE
+from agent.appkeys import DOCKER, HOST_ROOT_KEY
 from agent.auth import HEADER_PUBLIC_KEY, HEADER_SIGNATURE, MSG_INVALID, MSG_MISSING, Verdict
 from agent.cluster.membership import Member, find_member
 from agent.errors import Code, json_error
@@ -31,6 +31,8 @@ from proxy.routing import HEADER_TARGET, MSG_NO_MANAGER, Api, ApiRoute, Kind, cl
 from proxy.target import BadTarget, Target, engine_version, parse_target
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+STATE: web.AppKey[AgentState] = web.AppKey("state", AgentState)
+"""The assembly's state; read here only, and handed to each handler as the explicit pieces it needs."""
 _T0 = "keelson_t0"
 _LABEL = "keelson_label"
 GUARD = "keelson_guard"
@@ -238,7 +240,14 @@ async def _browse(request: web.Request) -> web.StreamResponse:
 
 async def _websocket(request: web.Request) -> web.StreamResponse:
     route: ApiRoute = request["api_route"]
-    return await handle_websocket(request, route.op)
+    state = request.app[STATE]
+    return await handle_websocket(request, route.op, state.engine, state.metrics.hijacked,
+                                  state.config.websocket_ping)
+
+
+async def _agents(request: web.Request) -> web.StreamResponse:
+    state = request.app[STATE]
+    return await list_agents(state.clustered, state.members(), state.self_member)
 
 
 NODE_LOCAL: dict[Api, Handler] = {
@@ -253,7 +262,7 @@ ANY_NODE: dict[Api, Handler] = {
     Api.DOCKER: docker_proxy,
     Api.PING: _ping,
     Api.METRICS: _metrics,
-    Api.AGENTS: list_agents,
+    Api.AGENTS: _agents,
     Api.KEY: handle_key,
     Api.UNSUPPORTED: _unsupported,
     Api.NOT_FOUND: _not_found,

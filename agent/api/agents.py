@@ -4,17 +4,16 @@ from __future__ import annotations
 
 from aiohttp import web
 
-from agent.appkeys import STATE
+from agent.cluster.membership import Member
 from agent.errors import Code, json_error
 
 
-async def list_agents(request: web.Request) -> web.Response:
-    state = request.app[STATE]
-    if not state.clustered:
+async def list_agents(clustered: bool, members: list[Member], me: Member) -> web.Response:
+    """The members as Serf sees them; this node is added while Serf has not listed it yet."""
+    if not clustered:
         # The Go agent's answer, word for word (http/handler/agent/agent_list.go).
         return json_error(503, "Agent management is not available when running the agent on a standalone engine",
                           Code.UNAVAILABLE, details="Agent management is disabled")
-    members = state.members()
-    if not any(m.node_name == state.info.node_name for m in members):
-        members = [state.self_member, *members]
+    if not any(m.node_name == me.node_name for m in members):
+        members = [me, *members]
     return web.json_response([m.to_api() for m in members])

@@ -14,11 +14,11 @@ import json
 import re
 
 from aiohttp import WSMsgType, web
+from prometheus_client import Gauge
 
-from agent.appkeys import STATE
 from agent.errors import Code, json_error, log_failure
 from agent.tasks import spawn
-from proxy.forward import CHUNK, HijackError, UpstreamHandshake, open_hijack
+from proxy.forward import CHUNK, HijackError, Upstream, UpstreamHandshake, open_hijack
 
 _ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,254}$")
 
@@ -63,15 +63,17 @@ async def _keepalive(ws: web.WebSocketResponse, period: float) -> None:
         await ws.ping()
 
 
-async def handle_websocket(request: web.Request, kind: str) -> web.StreamResponse:
-    state = request.app[STATE]
+async def handle_websocket(request: web.Request, kind: str, engine: Upstream, sessions: Gauge,
+                           ping_period: float) -> web.StreamResponse:
+    """One console: ``kind`` attach or exec, relayed between the WebSocket and the engine's hijacked stream;
+    ``sessions`` counts the open ones."""
     ident = request.query.get("id", "")
     if not _ID.match(ident):
         return json_error(400, "Invalid query parameter: id", Code.BAD_REQUEST, path=request.path)
     path, body = docker_request(kind, ident)
     headers = {"Content-Type": "application/json"} if body else {}
     try:
-        hs = await open_hijack(state.engine, "POST", path, headers, body)
+        hs = await open_hijack(engine, "POST", path, headers, body)
     except (OSError, HijackError) as exc:
         return json_error(502, f"Unable to reach the Docker engine: {exc}", Code.PROXY_DOCKER_UNREACHABLE)
     if not hs.upgraded:
@@ -82,10 +84,10 @@ async def handle_websocket(request: web.Request, kind: str) -> web.StreamRespons
         return json_error(hs.status if hs.status >= 400 else 500, message, Code.WEBSOCKET_FAILED, id=ident)
     ws = web.WebSocketResponse(max_msg_size=0, autoping=True)
     await ws.prepare(request)
-    state.metrics.hijacked.inc()
+    sessions.inc()
     down = spawn(_docker_to_ws(hs, ws), "console-down", owned=True)
     up = spawn(_ws_to_docker(hs, ws), "console-up", owned=True)
-    pinger = spawn(_keepalive(ws, state.config.websocket_ping), "console-ping", owned=True)
+    pinger = spawn(_keepalive(ws, ping_period), "console-ping", owned=True)
     try:
         done, _ = await asyncio.wait({down, up, pinger}, return_when=asyncio.FIRST_COMPLETED)
         for task in done:
@@ -93,7 +95,7 @@ async def handle_websocket(request: web.Request, kind: str) -> web.StreamRespons
             if error is not None and not isinstance(error, ConnectionError):
                 log_failure(Code.WEBSOCKET_FAILED, f"console session ended with an error: {error}", id=ident)
     finally:
-        state.metrics.hijacked.dec()
+        sessions.dec()
         for task in (down, up, pinger):
             task.cancel()
         await asyncio.gather(down, up, pinger, return_exceptions=True)
