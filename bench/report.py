@@ -42,6 +42,11 @@ def targets(results: dict[str, Any]) -> dict[str, dict[str, Any]]:
     add("fan-out p50 agent/slowest node", _get(fo, "p50_agent/slowest_node"), "<=", 1.2)
     add("fan-out p50 agent/all engines at once", _get(fo, "p50_agent/direct_all_at_once"), "<=", 1.2)
     add("dead node: extra time/deadline", _get(fo, "blackhole", "extra/deadline"), "<=", 1.0)
+    sm = results.get("sim") or {}
+    for row in sm.get("entry_alone") or []:
+        if row.get("nodes") == 200:
+            add("entry agent peak RSS MiB, fan-out over 200 simulated nodes", row.get("entry_rss_peak_mib"),
+                "<=", 100)
     return out
 
 
@@ -120,6 +125,11 @@ def markdown(results: dict[str, Any]) -> str:
             lines.append(f"| {r['nodes']} | {r['fanout_p50_ms']:.1f} | {r['fanout_per_node_ms']} | "
                          f"{r['direct_all_engines_p50_ms']:.1f} | {r['process_rss_idle_mib']} | "
                          f"{r['rss_per_agent_idle_mib']} | {r['process_rss_peak_mib']} |")
+        lines.append("")
+        for r in sm.get("entry_alone") or []:
+            lines.append(f"The entry agent in a process of its own, {r['nodes']} simulated nodes: RSS "
+                         f"{r['entry_rss_idle_mib']} MiB idle, {r['entry_rss_peak_mib']} MiB at its peak during "
+                         f"the fan-outs (p50 {r['fanout_p50_ms']:.1f} ms, {r['response_bytes']} bytes).")
         lines.append("")
     su = results.get("startup")
     if isinstance(su, dict) and "agent_start_ms" in su:

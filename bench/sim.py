@@ -105,69 +105,91 @@ def _bound_socket(ip: str) -> socket.socket:
     return sock
 
 
-async def serve(spec: dict[str, Any]) -> None:
+def _agent_app(i: int, members: list[Any], engine_url: str, data_dir: Path, docker: Any,
+               fanout_timeout: float) -> tuple[Any, web.Application]:
+    """Simulated agent i: a real application on a hand-built state (the members are static)."""
     from agent.auth import SignatureVerifier
-    from agent.cluster.membership import ROLE_MANAGER, ROLE_WORKER, Member, StaticMembership
+    from agent.cluster.membership import StaticMembership
     from agent.config import Config, DockerEndpoint
     from agent.engine import EngineInfo
     from agent.metrics import Metrics
     from agent.server import build_app
     from agent.state import AgentState
-    from agent.tls import peer_client_context, server_context
-    from agent.tlsproto import server_protocol_factory
+    from agent.tls import peer_client_context
     from proxy.upstream import EngineUpstream, PeerPool
+
+    ip = sim_ip(i)
+    config = Config(agent_host=ip, agent_port=members[i].agent_port, data_path=data_dir / f"sim{i}",
+                    docker=DockerEndpoint(url="tcp://" + engine_url.split("://", 1)[1]),
+                    fanout_timeout=fanout_timeout, log_level="WARN")
+    state = AgentState(
+        config=config, verifier=SignatureVerifier(), metrics=Metrics(), engine=EngineUpstream(config.docker),
+        docker=docker,
+        info=EngineInfo(node_name=f"sim{i}", node_id=f"id-sim{i}", swarm=True, manager=i == 0, leader=i == 0),
+        advertise_addr=ip, peers=PeerPool(tls=True, client_context=peer_client_context(config)),
+        membership=StaticMembership([dataclasses.replace(m) for m in members]),
+    )
+    return state, build_app(state)
+
+
+async def serve(spec: dict[str, Any]) -> None:
+    """Spec: nodes, containers, fanout_timeout; ``entry_apart``: agent 0 is left to another process (its
+    socket is not bound here); ``entry_of``: be that process, agent 0 alone, given the members and engine 0."""
+    import aiodocker
+
+    from agent.cluster.membership import ROLE_MANAGER, ROLE_WORKER, Member
+    from agent.tls import server_context
+    from agent.tlsproto import server_protocol_factory
 
     n = int(spec["nodes"])
     containers = int(spec["containers"])
+    timeout = float(spec.get("fanout_timeout", 60.0))
     loop = asyncio.get_running_loop()
     data_dir = Path(tempfile.mkdtemp(prefix="keelson-sim-"))
     runners: list[web.AppRunner] = []
-    states: list[AgentState] = []
+    states: list[Any] = []
     servers: list[asyncio.AbstractServer] = []
     rss_start = rss_kib(os.getpid())
     engines: list[str] = []
-    for i in range(n):
-        runner = web.AppRunner(fake_engine_app(f"sim{i}", containers), access_log=None, handle_signals=False)
-        await runner.setup()
-        sock = _bound_socket(sim_ip(i))
-        site = web.SockSite(runner, sock)
-        await site.start()
-        runners.append(runner)
-        engines.append(f"http://{sim_ip(i)}:{sock.getsockname()[1]}")
+    entry_of = spec.get("entry_of")
+    if entry_of is None:
+        for i in range(n):
+            runner = web.AppRunner(fake_engine_app(f"sim{i}", containers), access_log=None, handle_signals=False)
+            await runner.setup()
+            sock = _bound_socket(sim_ip(i))
+            site = web.SockSite(runner, sock)
+            await site.start()
+            runners.append(runner)
+            engines.append(f"http://{sim_ip(i)}:{sock.getsockname()[1]}")
+    else:
+        engines = [entry_of["engine0"]]
     gc.collect()
     rss_engines = rss_kib(os.getpid())
 
-    agent_socks = [_bound_socket(sim_ip(i)) for i in range(n)]
-    members = [Member(node_name=f"sim{i}", ip=sim_ip(i), agent_port=agent_socks[i].getsockname()[1],
+    mine = [0] if entry_of is not None else [i for i in range(n) if not (spec.get("entry_apart") and i == 0)]
+    socks = {i: _bound_socket(sim_ip(i)) for i in mine}
+    if entry_of is not None:
+        ports = list(entry_of["ports"])
+        ports[0] = socks[0].getsockname()[1]
+    else:
+        ports = [socks[i].getsockname()[1] if i in socks else 0 for i in range(n)]
+    members = [Member(node_name=f"sim{i}", ip=sim_ip(i), agent_port=ports[i],
                       role=ROLE_MANAGER if i == 0 else ROLE_WORKER, is_leader=i == 0) for i in range(n)]
-    import aiodocker
-
     docker = aiodocker.Docker(url=engines[0])  # only the agent's own API calls use it; none in this bench
-    for i in range(n):
-        ip = sim_ip(i)
-        config = Config(agent_host=ip, agent_port=members[i].agent_port, data_path=data_dir / f"sim{i}",
-                        docker=DockerEndpoint(url="tcp://" + engines[i].split("://", 1)[1]),
-                        fanout_timeout=float(spec.get("fanout_timeout", 60.0)), log_level="WARN")
-        state = AgentState(
-            config=config, verifier=SignatureVerifier(), metrics=Metrics(), engine=EngineUpstream(config.docker),
-            docker=docker,
-            info=EngineInfo(node_name=f"sim{i}", node_id=f"id-sim{i}", swarm=True, manager=i == 0, leader=i == 0),
-            advertise_addr=ip, peers=PeerPool(tls=True, client_context=peer_client_context(config)),
-            membership=StaticMembership([dataclasses.replace(m) for m in members]),
-        )
-        app = build_app(state)
+    for i in mine:
+        state, app = _agent_app(i, members, engines[i], data_dir, docker, timeout)
         runner = web.AppRunner(app, access_log=None, handle_signals=False)
         await runner.setup()
         assert runner.server is not None
-        factory = server_protocol_factory(loop, runner.server, server_context(config, [ip]))
-        servers.append(await loop.create_server(factory, sock=agent_socks[i], backlog=1024))
+        factory = server_protocol_factory(loop, runner.server, server_context(state.config, [sim_ip(i)]))
+        servers.append(await loop.create_server(factory, sock=socks[i], backlog=1024))
         runners.append(runner)
         states.append(state)
     gc.collect()
     rss_agents = rss_kib(os.getpid())
     print(json.dumps({
         "entry": f"https://{sim_ip(0)}:{members[0].agent_port}", "engines": engines, "pid": os.getpid(),
-        "rss_start_kib": rss_start, "rss_engines_kib": rss_engines, "rss_agents_kib": rss_agents,
+        "ports": ports, "rss_start_kib": rss_start, "rss_engines_kib": rss_engines, "rss_agents_kib": rss_agents,
     }), flush=True)
     stop = asyncio.Event()
     loop.add_signal_handler(signal.SIGTERM, stop.set)
@@ -190,9 +212,9 @@ async def serve(spec: dict[str, Any]) -> None:
 
 
 @contextlib.contextmanager
-def cluster(nodes: int, containers: int, tree: Path | None = None) -> Iterator[dict[str, Any]]:
+def cluster(nodes: int, containers: int, tree: Path | None = None, **extra: Any) -> Iterator[dict[str, Any]]:
     """The simulation child with `nodes` agents; yields its ready line (entry URL, engines, pid, RSS)."""
-    spec = {"nodes": nodes, "containers": containers, "fanout_timeout": 120.0}
+    spec = {"nodes": nodes, "containers": containers, "fanout_timeout": 120.0, **extra}
     env = dict(os.environ)
     if tree is not None:
         # `python -m` puts its working directory first on sys.path: run in the tree, find bench/ after it.
@@ -255,9 +277,35 @@ def _one_size(nodes: int, sizes: Sizes, headers: dict[str, str], tree: Path | No
         return out
 
 
+def entry_alone(nodes: int, sizes: Sizes, headers: dict[str, str]) -> dict[str, Any]:
+    """The entry agent in a process of its own (the others and every engine in a second one): its RSS idle
+    and at its peak during fan-outs over ``nodes`` simulated nodes, i.e. what one real agent needs."""
+    from bench import loadgen
+
+    with cluster(nodes, sizes.sim_containers, entry_apart=True) as rest:
+        entry_spec = {"engine0": rest["engines"][0], "ports": rest["ports"]}
+        with cluster(nodes, sizes.sim_containers, entry_of=entry_spec) as entry:
+            idle = rss_kib(entry["pid"])
+            with RssSampler(entry["pid"]) as sampler:
+                res = loadgen.launch(fanout_spec(entry["entry"], headers, sizes.sim_reps), timeout=900)
+            expected = nodes * sizes.sim_containers
+            if res["errors"] or res["json_lengths"] != [expected]:
+                raise RuntimeError(f"entry-alone fan-out over {nodes}: lengths {res['json_lengths']} (want "
+                                   f"{expected}), errors {res['first_errors']}")
+    out = {"nodes": nodes, "items": expected, "entry_rss_idle_mib": round(idle / 1024, 1),
+           "entry_rss_peak_mib": sampler.peak_mib, "fanout_p50_ms": res["p50_ms"],
+           "response_bytes": res["bytes_per_response"]}
+    log(f"sim entry agent alone, {nodes} nodes: RSS {out['entry_rss_idle_mib']} MiB idle, peak "
+        f"{out['entry_rss_peak_mib']} MiB during the fan-out (p50 {res['p50_ms']:.1f} ms)")
+    return out
+
+
 def run(sizes: Sizes, headers: dict[str, str], tree: Path | None = None) -> dict[str, Any]:
     rows = [_one_size(n, sizes, headers, None) for n in sizes.sim_nodes]
     out: dict[str, Any] = {"containers_per_node": sizes.sim_containers, "rows": rows}
+    alone = [n for n in sizes.sim_nodes if n in (50, 200)] or [sizes.sim_nodes[-1]]
+    out["entry_alone"] = [entry_alone(n, sizes, headers) for n in alone]
+    out["entry_peak_rss_mib_at_most_nodes"] = out["entry_alone"][-1]["entry_rss_peak_mib"]
     small, big = rows[0], rows[-1]
     out[f"p50_ratio_{big['nodes']}/{small['nodes']}_nodes"] = ratio(big["fanout_p50_ms"], small["fanout_p50_ms"])
     out["node_ratio"] = ratio(big["nodes"], small["nodes"])

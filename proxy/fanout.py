@@ -170,12 +170,23 @@ async def reachable(ip: str, port: int, timeout: float) -> bool:
 BODIES_AT_ONCE = 4
 """Node answers read and being merged at one time: with the merged listing written as they come, a fan-out
 holds at most this many node answers, whatever the size of the cluster."""
+ASKED_AT_ONCE = 32
+"""Node requests in flight at one time. Each open one holds a connection with its TLS and read buffers
+(a good part of a node's answer waits there until its turn to be merged), so this, not the cluster's
+size, bounds a fan-out's memory; the merge, one node at a time on the event loop, is the pace anyway."""
 SPOOL_IN_MEMORY = 4 * 2**20
 """The merged listing stays in memory up to this size, then goes to a temporary file until it is sent."""
 
 
 async def _ask(request: web.Request, upstream: Upstream, path_qs: str, member: Member, body: bytes | None,
-               timeout: float, listing: MergedListing, gate: asyncio.Semaphore) -> NodeAnswer:
+               timeout: float, listing: MergedListing, gate: asyncio.Semaphore,
+               slots: asyncio.Semaphore) -> NodeAnswer:
+    async with slots:  # a node's deadline starts when its request goes out, not while it waits for a slot
+        return await _ask_now(request, upstream, path_qs, member, body, timeout, listing, gate)
+
+
+async def _ask_now(request: web.Request, upstream: Upstream, path_qs: str, member: Member, body: bytes | None,
+                   timeout: float, listing: MergedListing, gate: asyncio.Semaphore) -> NodeAnswer:
     headers = outgoing_headers(request, {HEADER_TARGET: member.node_name})
     headers["Host"] = upstream.host_header
     headers.pop("Content-Length", None)
@@ -236,6 +247,7 @@ async def handle(request: web.Request, state: Cluster, target: Target, local_pat
             health.forget({m.node_name for m in members})
     listing = MergedListing(volumes, tempfile.SpooledTemporaryFile(max_size=SPOOL_IN_MEMORY))
     gate = asyncio.Semaphore(BODIES_AT_ONCE)
+    slots = asyncio.Semaphore(ASKED_AT_ONCE)
     jobs = []
     for member in members:
         upstream: Upstream
@@ -247,7 +259,8 @@ async def handle(request: web.Request, state: Cluster, target: Target, local_pat
                 jobs.append(_skipped(member.node_name, reason))
                 continue
             upstream, path_qs = state.peers.upstream(member.ip, member.agent_port), target.as_sent
-        jobs.append(_ask(request, upstream, path_qs, member, body, state.config.fanout_timeout, listing, gate))
+        jobs.append(_ask(request, upstream, path_qs, member, body, state.config.fanout_timeout, listing, gate,
+                         slots))
     try:
         answers = await asyncio.gather(*jobs)
         for answer in answers:

@@ -17,7 +17,7 @@ import aiohttp
 from agent.config import DockerEndpoint
 from agent.tasks import supervise
 from agent.tls import docker_client_context, peer_client_context
-from agent.tlsproto import open_tls_connection
+from agent.tlsproto import open_tls_connection, shrink_client_read_buffers
 from proxy.target import ApiRange
 
 log = logging.getLogger(__name__)
@@ -128,6 +128,7 @@ class PeerPool:
                  connect_timeout: float = 10.0) -> None:
         self.tls = tls
         self.connect_timeout = connect_timeout
+        shrink_client_read_buffers()
         self.ssl_context = (client_context or peer_client_context()) if tls else None
         connector = aiohttp.TCPConnector(
             limit=0, limit_per_host=64, ssl=self.ssl_context or False, keepalive_timeout=60,

@@ -4,6 +4,8 @@ fails here, by name, instead of somewhere deep in a stream.
 - aiohttp's RequestHandler._message_tail: bytes a client sent after a hijack request's head (proxy/forward.py)
 - asyncio's sslproto internals: the TLS half-close subclass (agent/tlsproto.py) and the connection guard,
   which finds the TCP transport below TLS (agent/connguard.py)
+- asyncio's SSLProtocol.max_size, read when a connection is made: peers' client connections read into
+  smaller buffers (agent/tlsproto.py shrink_client_read_buffers, applied by proxy/upstream.py PeerPool)
 - aiodocker's Docker._query_json: raw JSON calls (agent/engine.py)
 """
 
@@ -43,3 +45,15 @@ def test_asyncio_sslproto_has_what_the_half_close_subclass_overrides() -> None:
 def test_aiodocker_query_json() -> None:
     assert inspect.iscoroutinefunction(aiodocker.Docker._query_json)
     assert list(inspect.signature(aiodocker.Docker._query_json).parameters)[:2] == ["self", "path"]
+
+
+async def test_peer_connections_read_into_small_buffers() -> None:
+    from proxy.upstream import PeerPool
+
+    assert "bytearray(self.max_size)" in inspect.getsource(sslproto.SSLProtocol.__init__)
+    pool = PeerPool()
+    try:
+        assert sslproto.SSLProtocol.max_size == tlsproto.CLIENT_READ_BUFFER
+        assert tlsproto.HalfCloseSSLProtocol.max_size == tlsproto.READ_BUFFER
+    finally:
+        await pool.close()
