@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
 import logging
+import os
 import resource
 import signal
 import sys
@@ -12,7 +14,7 @@ from pathlib import Path
 
 from agent.config import Config, ConfigError, load_config
 from agent.logs import setup_logging
-from agent.runtime import run
+from agent.workers import RUN_DIR, Supervisor, WorkerSlot, available_cpus
 
 log = logging.getLogger(__name__)
 
@@ -52,6 +54,26 @@ def main(argv: list[str] | None = None) -> int:
     for name in config.ignored:
         log.warning("CONFIG_IGNORED %s is set but has no effect in Keelson (see the README)", name)
 
+    count = 1 if config.edge else (config.workers or available_cpus())
+    if config.edge and config.workers > 1:
+        log.warning("KEELSON_WORKERS=%d ignored: an Edge agent runs one worker process", config.workers)
+    if count == 1:
+        return serve(config, None)
+    supervisor = Supervisor(count, lambda slot: serve(config, slot), config.data_path / RUN_DIR)
+    metrics_dir = supervisor.run_dir / "metrics"
+    metrics_dir.mkdir()
+    # Before prometheus_client is imported: it picks its multiprocess value store at import time.
+    os.environ["PROMETHEUS_MULTIPROC_DIR"] = str(metrics_dir)
+    import agent.runtime  # noqa: F401  (imported once here, so that the forked workers share its pages)
+
+    gc.freeze()  # objects made so far stay out of the collector's way, and their pages shared after fork
+    return supervisor.run()
+
+
+def serve(config: Config, slot: WorkerSlot | None) -> int:
+    """One agent process (or one worker of several) until SIGINT/SIGTERM."""
+    from agent.runtime import run
+
     async def _main() -> int:
         stop = asyncio.Event()
         loop = asyncio.get_running_loop()
@@ -60,7 +82,7 @@ def main(argv: list[str] | None = None) -> int:
         if config.mtls_cert and config.mtls_cert_retry_interval > 0:
             if not await wait_for_certificate(config, stop):
                 return 0
-        return await run(config, stop)
+        return await run(config, stop, slot)
 
     return asyncio.run(_main())
 

@@ -225,12 +225,21 @@ class Config:
     websocket_ping: float = 50.0
     header_timeout: float = 30.0
     max_unproven: int = 1024
+    workers: int = 0
+    """KEELSON_WORKERS: worker processes on the agent port (0 = one per available CPU; Edge mode: 1)."""
     dockerhub_auth_url: str = "https://auth.docker.io"
     dockerhub_registry_url: str = "https://registry-1.docker.io"
     host_root: Path = Path("/host")
     serf_binary: str = "serf"
     serf_port: int = 7946
     serf_reconnect_timeout: float = 60.0
+
+
+def _workers(env: Mapping[str, str]) -> int:
+    raw = env.get("KEELSON_WORKERS", "").strip().lower()
+    if raw in ("", "auto"):
+        return 0
+    return _int(env, "KEELSON_WORKERS", 0, lo=1, hi=64)
 
 
 def _get(env: Mapping[str, str], name: str, default: str) -> str:
@@ -465,6 +474,7 @@ def load_config(env: Mapping[str, str] | None = None, argv: list[str] | None = N
         websocket_ping=_duration(env, "KEELSON_WEBSOCKET_PING", "50s"),
         header_timeout=_duration(env, "KEELSON_HEADER_TIMEOUT", "30s"),
         max_unproven=_int(env, "KEELSON_MAX_UNPROVEN", 1024, lo=1, hi=1_000_000),
+        workers=_workers(env),
         dockerhub_auth_url=_url(env, "KEELSON_DOCKERHUB_AUTH_URL", "https://auth.docker.io"),
         dockerhub_registry_url=_url(env, "KEELSON_DOCKERHUB_REGISTRY_URL", "https://registry-1.docker.io"),
         host_root=Path(_get(env, "KEELSON_HOST_ROOT", "/host")),

@@ -1,9 +1,18 @@
-"""Prometheus metrics: every request is measured by route kind, method and status."""
+"""Prometheus metrics: every request is measured by route kind, method and status.
+
+With several worker processes (agent/workers.py) prometheus_client's multiprocess mode is on
+(PROMETHEUS_MULTIPROC_DIR, set before this module is imported): each worker writes its values to files there
+and `/metrics`, whichever worker serves it, sums them (gauges: over the live workers; the member count: the
+largest any worker sees).
+"""
 
 from __future__ import annotations
 
+import os
+
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
+from prometheus_client.multiprocess import MultiProcessCollector
 
 CONTENT_TYPE = CONTENT_TYPE_LATEST
 
@@ -33,13 +42,15 @@ class Metrics:
         )
         self.signature_verifications = Gauge(
             "keelson_signature_verifications", "ECDSA verifications performed so far (signature cache misses)",
-            registry=self.registry,
+            registry=self.registry, multiprocess_mode="livesum",
         )
         self.in_flight = Gauge(
             "keelson_requests_in_flight", "Requests being served now", registry=self.registry,
+            multiprocess_mode="livesum",
         )
         self.hijacked = Gauge(
             "keelson_hijacked_streams", "Open attach/exec/websocket sessions", registry=self.registry,
+            multiprocess_mode="livesum",
         )
         self.fanout_node_failures = Counter(
             "keelson_fanout_node_failures", "Nodes that failed during a fan-out, by node",
@@ -56,7 +67,13 @@ class Metrics:
         )
         self.cluster_members = Gauge(
             "keelson_cluster_members", "Alive members seen by this agent", registry=self.registry,
+            multiprocess_mode="livemax",
         )
 
     def render(self) -> bytes:
-        return generate_latest(self.registry)
+        folder = os.environ.get("PROMETHEUS_MULTIPROC_DIR")
+        if not folder:
+            return generate_latest(self.registry)
+        merged = CollectorRegistry()
+        MultiProcessCollector(merged, path=folder)
+        return generate_latest(merged)

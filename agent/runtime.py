@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
 import time
 from functools import partial
 from typing import Any
@@ -29,14 +30,20 @@ from agent.swarmwatch import SwarmWatch, remote_managers
 from agent.tasks import spawn, supervise
 from agent.tls import peer_client_context, server_context
 from agent.tlsproto import server_protocol_factory
+from agent.workers import VIEW_WAIT, WorkerSlot, follow_view, publish_view
 from proxy.health import PeerHealth
 from proxy.upstream import EngineUpstream, PeerPool
 
 log = logging.getLogger(__name__)
 SHUTDOWN_GRACE = 0.5
+HEAD_BUDGET = 64 * 2**20
+"""Bytes all unfinished request heads may hold together (agent/connguard.py)."""
 
 
-async def build_state(config: Config) -> AgentState:
+async def build_state(config: Config, slot: WorkerSlot | None = None) -> AgentState:
+    """The state of this process; with worker slots only the primary starts Serf (the others follow its
+    view, agent/workers.py) and the pinned key is shared."""
+    shared = slot is not None and slot.count > 1
     docker = docker_client(config.docker)
     try:
         raw_info = await docker.system.info()
@@ -49,7 +56,7 @@ async def build_state(config: Config) -> AgentState:
     advertise = config.advertise_addr or await find_advertise_addr(docker, raw_info, config.agent_host, container)
     state = AgentState(
         config=config,
-        verifier=SignatureVerifier(config.secret),
+        verifier=SignatureVerifier(config.secret, pin=slot.pin if slot is not None and shared else None),
         metrics=Metrics(),
         engine=EngineUpstream(config.docker),
         docker=docker,
@@ -60,14 +67,19 @@ async def build_state(config: Config) -> AgentState:
         engine_managers=remote_managers(raw_info) or None,
     )
     state.health = health = PeerHealth(partial(_probe_peer, state.peers))
-    state.guard = ConnectionGuard(head_timeout=config.header_timeout, max_unproven=config.max_unproven,
+    # The limits hold for the agent as a whole: each of N workers takes its share.
+    workers = slot.count if slot is not None and shared else 1
+    state.guard = ConnectionGuard(head_timeout=config.header_timeout, head_budget=HEAD_BUDGET // workers,
+                                  max_unproven=max(1, -(-config.max_unproven // workers)),
                                   on_close=partial(_connection_closed, state.metrics))
     try:
         await state.engine.read_api_range()
     except (aiohttp.ClientError, OSError, TimeoutError, ValueError) as exc:
         log.warning("%s cannot read the engine's API versions yet (requests go at the caller's version): %s",
                     Code.PROXY_DOCKER_UNREACHABLE.value, exc)
-    if info.swarm:
+    if info.swarm and shared and slot is not None and not slot.primary:
+        state.membership = StaticMembership([state.self_member])  # until the primary's view arrives
+    elif info.swarm:
         try:
             state.membership = await start_membership(config, info, advertise, container)
         except (RuntimeError, SerfError, OSError) as exc:
@@ -77,7 +89,7 @@ async def build_state(config: Config) -> AgentState:
         state.membership = StaticMembership([state.self_member])
     metrics = state.metrics
     membership = state.membership
-    metrics.cluster_members.set_function(lambda: len(membership.members()))
+    metrics.cluster_members.set(len(membership.members()))
     known = {m.node_name for m in membership.members()}
 
     def members_changed(members: list[Member]) -> None:
@@ -85,10 +97,10 @@ async def build_state(config: Config) -> AgentState:
         now = {m.node_name for m in members}
         health.members_changed(known, now)
         known = now
+        metrics.cluster_members.set(len(members))
 
     membership.subscribe(members_changed)
-    verifier = state.verifier
-    state.metrics.signature_verifications.set_function(lambda: verifier.verifications)
+    state.verifier.on_verification = state.metrics.signature_verifications.inc
     return state
 
 
@@ -130,12 +142,26 @@ async def _security_shutdown(state: AgentState, server: asyncio.AbstractServer, 
         await runner.shutdown()
 
 
-async def run(config: Config, stop: asyncio.Event) -> int:
+async def run(config: Config, stop: asyncio.Event, slot: WorkerSlot | None = None) -> int:
     try:
-        state = await build_state(config)
+        state = await build_state(config, slot)
     except RuntimeError as exc:
         log.error("%s", exc)
         return 1
+    shared = slot is not None and slot.count > 1
+    primary = slot is None or slot.primary
+    view_task: asyncio.Task[None] | None = None
+    if shared and slot is not None and primary:
+        view_task = supervise(partial(publish_view, state, slot.view_path), "cluster-view")
+    elif shared and slot is not None and state.info.swarm:
+        assert isinstance(state.membership, StaticMembership)
+        first = asyncio.Event()
+        view_task = supervise(partial(follow_view, state, state.membership, slot.view_path, first), "cluster-view")
+        try:
+            await asyncio.wait_for(first.wait(), VIEW_WAIT)
+        except TimeoutError:
+            log.warning("no cluster view from worker 0 after %gs: serving with this node alone meanwhile",
+                        VIEW_WAIT)
     edge: Any = None
     if config.edge:
         from edge.runtime import EdgeRuntime  # Edge mode only: keeps the standard agent's imports small
@@ -148,7 +174,7 @@ async def run(config: Config, stop: asyncio.Event) -> int:
             return 1
     state.engine.start_watch()
     swarm_watch = None
-    if state.info.swarm:
+    if state.info.swarm and primary:
         watch = SwarmWatch(state.docker, state.membership, state.info, state.swarm_changed)
         swarm_watch = supervise(watch.run, "swarm-watch")
     app = build_app(state, [edge.middleware()] if edge is not None else None)
@@ -173,16 +199,21 @@ async def run(config: Config, stop: asyncio.Event) -> int:
             host = state.advertise_addr if config.agent_host == "0.0.0.0" else config.agent_host
             factory = runner.server
         server = await loop.create_server(state.guard.wrap(factory), host, config.agent_port,
-                                          reuse_address=True, backlog=1024)
+                                          reuse_address=True, reuse_port=shared or None, backlog=1024)
     except OSError as exc:  # the port is taken, the address is not ours, a certificate does not load
         log.error("%s cannot serve the API on %s:%d: %s", Code.START_FAILED.value, config.agent_host,
                   config.agent_port, exc)
         await asyncio.gather(runner.cleanup(), *([edge.close()] if edge is not None else []))
+        if view_task is not None:
+            view_task.cancel()
         await state.close()  # stops the serf child and every background task: nothing is left running
         return 1
-    log.info("agent listening on %s://%s:%d (node %s, %s, advertise %s, engine %s, event loop %s)",
+    if slot is not None:
+        slot.ready_path(os.getpid()).touch()  # the supervisor restarts a worker that served, not one that failed
+    log.info("agent listening on %s://%s:%d (node %s, %s, advertise %s, engine %s, event loop %s%s)",
              "http" if edge is not None else "https", host, config.agent_port, state.info.node_name,
-             state.info.engine_status, state.advertise_addr, config.docker.url, type(loop).__module__)
+             state.info.engine_status, state.advertise_addr, config.docker.url, type(loop).__module__,
+             f", worker {slot.index} of {slot.count}, pid {os.getpid()}" if slot is not None and shared else "")
     if edge is not None:
         await edge.start()
     guard = None
@@ -196,6 +227,8 @@ async def run(config: Config, stop: asyncio.Event) -> int:
         server.close()  # no new connections from here on
         if swarm_watch is not None:
             swarm_watch.cancel()
+        if view_task is not None:
+            view_task.cancel()
         if guard is not None:
             guard.cancel()
             with contextlib.suppress(asyncio.CancelledError):

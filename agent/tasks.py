@@ -8,6 +8,7 @@ is logged with its code and the loop restarts after a back-off.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from collections.abc import Awaitable, Callable, Coroutine
 from typing import Any, TypeVar
 
@@ -52,6 +53,14 @@ def supervise(factory: Callable[[], Awaitable[None]], name: str, first_delay: fl
             delay = min(delay * 2, max_delay)
 
     return spawn(loop(), name)
+
+
+async def cancel(task: asyncio.Task[Any] | None) -> None:
+    """Cancel ``task`` (if any) and wait until it has ended; its CancelledError stays here."""
+    if task is not None:
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
 
 
 def running_tasks() -> int:

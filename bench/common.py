@@ -10,7 +10,7 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -58,11 +58,28 @@ def rss_kib(pid: int) -> int:
     return 0
 
 
-class RssSampler:
-    """Samples VmRSS of one PID in a thread every `interval` seconds, between start() and stop()."""
+def agent_memory_kib(pid: int) -> int:
+    """An agent's memory: PSS summed over the process started and all its children (its worker processes and
+    the Serf agent), so pages the forked workers share count once. 0 when it is gone."""
+    from tools.procs import descendants
 
-    def __init__(self, pid: int, interval: float = 0.02) -> None:
+    total = 0
+    for p in [pid, *descendants(pid)]:
+        try:
+            for line in Path(f"/proc/{p}/smaps_rollup").read_text().splitlines():
+                if line.startswith("Pss:"):
+                    total += int(line.split()[1])
+        except (OSError, ValueError):
+            continue
+    return total
+
+
+class RssSampler:
+    """Samples VmRSS of one PID (or what `measure` says of it) in a thread every `interval` seconds."""
+
+    def __init__(self, pid: int, interval: float = 0.02, measure: Callable[[int], int] | None = None) -> None:
         self.pid = pid
+        self.measure = measure or rss_kib
         self.interval = interval
         self.samples: list[int] = []
         self._stop = threading.Event()
@@ -70,7 +87,7 @@ class RssSampler:
 
     def _run(self) -> None:
         while not self._stop.is_set():
-            value = rss_kib(self.pid)
+            value = self.measure(self.pid)
             if value:
                 self.samples.append(value)
             self._stop.wait(self.interval)

@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from agent.tls import self_signed_pem
+from agent.workers import available_cpus
 from bench.common import stop_pid
 from tools.agentproc import free_port
 
@@ -19,13 +20,13 @@ from tools.agentproc import free_port
 class HAProxy:
     """HAProxy terminating TLS (its own self-signed certificate) on 127.0.0.1:<free port> and proxying to a
     unix socket with keep-alive on both sides. Its config is written here; it runs in the foreground (-db)
-    as our child and is stopped by PID. One thread by default: the agent is one event loop on one core, so
-    both get the same CPU budget (HAProxy's own default would be one thread per core)."""
+    as our child and is stopped by PID. One thread per available CPU, HAProxy's own default, as the agent
+    runs one worker process per CPU (KEELSON_WORKERS)."""
 
-    def __init__(self, workdir: Path, socket_path: str, threads: int = 1) -> None:
+    def __init__(self, workdir: Path, socket_path: str, threads: int | None = None) -> None:
         self.workdir = workdir
         self.socket_path = socket_path
-        self.threads = threads
+        self.threads = threads or available_cpus()
         self.port = free_port()
         self.proc: subprocess.Popen[bytes] | None = None
 

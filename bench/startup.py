@@ -12,7 +12,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from bench.common import Sizes, log, median, ratio, rss_kib, stop_pid
+from bench.common import Sizes, agent_memory_kib, log, median, ratio, rss_kib, stop_pid
 from bench.engine import BenchAgent
 from bench.external import HAProxy
 
@@ -51,7 +51,7 @@ def _start_once(docker_host: str, workdir: Path, idle_seconds: float,
             time.sleep(0.005)
         started = time.monotonic() - agent.launched_at
         time.sleep(idle_seconds)
-        return started, rss_kib(agent.pid) / 1024
+        return started, agent_memory_kib(agent.pid) / 1024  # PSS over the supervisor and its workers
     finally:
         agent.stop()
 

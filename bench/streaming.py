@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from bench import loadgen
-from bench.common import RssSampler, Sizes, log, median, ratio, rss_kib
+from bench.common import RssSampler, Sizes, agent_memory_kib, log, median, ratio
 from tools.dockerd import DOCKER_CLI
 
 
@@ -32,7 +32,7 @@ class Target:
 def _sampled(pid: int | None, fn: Any) -> tuple[Any, float, float]:
     if pid is None:
         return fn(), 0.0, 0.0
-    with RssSampler(pid) as sampler:
+    with RssSampler(pid, measure=agent_memory_kib) as sampler:  # PSS over the agent's processes
         res = fn()
     return res, sampler.peak_mib, sampler.first_mib
 
@@ -71,7 +71,7 @@ def run(targets: dict[str, Target], headers: dict[str, str], image: str, contain
         "logs": (f"/containers/{container}/logs?stdout=1&stderr=1", ["logs", container]),
     }
     agent_pid = targets["agent"].pid
-    out: dict[str, Any] = {"agent_rss_idle_mib": round(rss_kib(agent_pid) / 1024, 1) if agent_pid else 0.0,
+    out: dict[str, Any] = {"agent_rss_idle_mib": round(agent_memory_kib(agent_pid) / 1024, 1) if agent_pid else 0.0,
                            "clients": {"cli": "docker CLI (Go), output to /dev/null",
                                        "python": "bench.loadgen (aiohttp)"}}
     for case, (path, command) in cases.items():

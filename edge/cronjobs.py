@@ -19,16 +19,14 @@ import asyncio
 import contextlib
 import logging
 import re
-from collections.abc import Coroutine
 from pathlib import Path
-from typing import Any
 
 from croniter import croniter
 
 from agent.errors import Code, log_failure
 from agent.tasks import spawn
 from edge.client import Schedule
-from edge.schedules import LogSender, send_job_log, validate_schedule, write_atomic
+from edge.schedules import LogSender, LogUploads, validate_schedule, write_atomic
 
 log = logging.getLogger(__name__)
 
@@ -76,8 +74,7 @@ class CronJobs:
         self._invalid: dict[int, tuple[int, str, str]] = {}
         self._wake = asyncio.Event()
         self._writer: asyncio.Task[None] | None = None
-        self._tasks: set[asyncio.Task[None]] = set()
-        self._sending: set[int] = set()
+        self.uploads = LogUploads(send_logs)
 
     @property
     def cron_path(self) -> Path:
@@ -108,8 +105,8 @@ class CronJobs:
                 self._writer = spawn(self._write_loop(), "edge-cron-writer")
             self._wake.set()
         for schedule in schedules:
-            if schedule.collect_logs and schedule.id not in self._sending:
-                self._spawn(self._send(schedule.id))
+            if schedule.collect_logs:
+                self.uploads.request(schedule.id, self.log_path(schedule.id))
 
     async def _write_loop(self) -> None:
         while self._wanted is not None:
@@ -136,24 +133,9 @@ class CronJobs:
                 self.cron_path.unlink()
                 log.info("no Edge jobs: %s removed", self.cron_path)
 
-    def _spawn(self, coro: Coroutine[Any, Any, None]) -> None:
-        task = spawn(coro, "edge-job-log")
-        self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
-
-    async def _send(self, job_id: int) -> None:
-        self._sending.add(job_id)
-        try:
-            await send_job_log(self.send_logs, job_id, self.log_path(job_id))
-        finally:
-            self._sending.discard(job_id)
-
     async def close(self) -> None:
         """Stops sending; the cron file stays, as the host's cron keeps running the jobs (Go's behaviour)."""
-        tasks = [t for t in (self._writer, *self._tasks) if t is not None]
-        for task in tasks:
-            if task is not self._writer:
-                task.cancel()
-        for task in tasks:
-            with contextlib.suppress(asyncio.CancelledError, Exception):
-                await task
+        await self.uploads.close()
+        if self._writer is not None:  # a write under way finishes
+            with contextlib.suppress(Exception):
+                await self._writer

@@ -11,7 +11,6 @@ doubles up to KEELSON_EDGE_POLL_MAX_BACKOFF instead of staying near one interval
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import random
 from collections.abc import Awaitable, Callable
@@ -19,7 +18,7 @@ from collections.abc import Awaitable, Callable
 import aiohttp
 
 from agent.errors import Code, log_failure
-from agent.tasks import supervise
+from agent.tasks import cancel, supervise
 from edge.client import PollError, PollResponse, PortainerClient
 
 log = logging.getLogger(__name__)
@@ -58,10 +57,7 @@ class Poller:
 
     async def close(self) -> None:
         task, self._task = self._task, None
-        if task is not None:
-            task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
+        await cancel(task)
 
     async def poll_once(self) -> PollResponse:
         """One poll; raises PollError (or a network error) when there is no usable answer."""

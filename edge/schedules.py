@@ -26,7 +26,7 @@ import tarfile
 import tempfile
 import time
 import uuid
-from collections.abc import Awaitable, Callable, Coroutine
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
@@ -106,6 +106,35 @@ def read_log_tail(path: Path, cap: int = LOG_CAP) -> str:
             return fh.read().decode("utf-8", "replace")
     except FileNotFoundError:
         return ""
+
+
+class LogUploads:
+    """Job logs sent when a poll asks for them (Go: edge/scheduler/logs.go), one upload per job at a time."""
+
+    def __init__(self, send_logs: LogSender) -> None:
+        self.send_logs = send_logs
+        self._sending: set[int] = set()
+        self._tasks: set[asyncio.Task[None]] = set()
+
+    def request(self, job_id: int, path: Path) -> None:
+        if job_id in self._sending:
+            return
+        self._sending.add(job_id)
+        task = spawn(self._send(job_id, path), "edge-job-log")
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def _send(self, job_id: int, path: Path) -> None:
+        try:
+            await send_job_log(self.send_logs, job_id, path)
+        finally:
+            self._sending.discard(job_id)
+
+    async def close(self) -> None:
+        for task in list(self._tasks):
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await task
 
 
 async def send_job_log(send_logs: LogSender, job_id: int, path: Path) -> None:
@@ -259,8 +288,7 @@ class Scheduler:
         self.now = now
         self.jobs: dict[int, _Job] = {}
         self._invalid: dict[int, tuple[int, str, str]] = {}
-        self._sending: set[int] = set()
-        self._tasks: set[asyncio.Task[None]] = set()
+        self.uploads = LogUploads(send_logs)
 
     def log_path(self, job_id: int) -> Path:
         return self.log_dir / f"schedule_{job_id}.log"
@@ -280,8 +308,8 @@ class Scheduler:
             else:
                 self._install(schedule, current)
         for schedule in wanted.values():
-            if schedule.collect_logs and schedule.id not in self._sending:
-                self._spawn(self._send(schedule.id))
+            if schedule.collect_logs:
+                self.uploads.request(schedule.id, self.log_path(schedule.id))
 
     def _install(self, schedule: Schedule, current: _Job | None) -> None:
         identity = (schedule.version, schedule.cron_expression, schedule.script)
@@ -312,11 +340,6 @@ class Scheduler:
         for task in (job.loop_task, job.run_task):
             if task is not None:
                 task.cancel()
-
-    def _spawn(self, coro: Coroutine[Any, Any, None]) -> None:
-        task = spawn(coro, "edge-job-log")
-        self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
 
     async def _cron_loop(self, job: _Job) -> None:
         times = croniter(job.schedule.cron_expression, self.now())
@@ -360,22 +383,13 @@ class Scheduler:
             with contextlib.suppress(OSError):
                 fresh.unlink()
 
-    async def _send(self, job_id: int) -> None:
-        self._sending.add(job_id)
-        try:
-            await send_job_log(self.send_logs, job_id, self.log_path(job_id))
-        finally:
-            self._sending.discard(job_id)
-
     async def close(self) -> None:
         tasks: list[asyncio.Task[None]] = []
         for job in self.jobs.values():
             self._stop(job)
             tasks += [t for t in (job.loop_task, job.run_task) if t is not None]
         self.jobs.clear()
-        for task in list(self._tasks):
-            task.cancel()
-            tasks.append(task)
+        await self.uploads.close()
         for task in tasks:
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await task

@@ -78,3 +78,22 @@ def pids_mentioning(prefix: str) -> list[int]:
             if any(arg.startswith(prefix) or f"={prefix}" in arg for arg in cmdline(pid)) and alive(pid):
                 out.append(pid)
     return out
+
+
+def descendants(pid: int) -> list[int]:
+    """Children of ``pid``, recursively (an agent's worker processes and their serf child, sshd's sessions)."""
+    children: dict[int, list[int]] = {}
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        stat = proc_stat(int(entry.name))
+        if stat is not None and len(stat) > 1:
+            with contextlib.suppress(ValueError):
+                children.setdefault(int(stat[1]), []).append(int(entry.name))
+    found: list[int] = []
+    todo = [pid]
+    while todo:
+        for child in children.get(todo.pop(), []):
+            found.append(child)
+            todo.append(child)
+    return found

@@ -132,6 +132,12 @@ def swarm_status(services: Sequence[Mapping[str, Any]], tasks: Sequence[Mapping[
     return ProjectStatus("running")
 
 
+async def validate_with_compose(compose: str, folder: Path, entry: Path, env: Mapping[str, str]) -> None:
+    """`config --quiet`: both engines validate a stack with Compose first (as Go does)."""
+    await run_command([compose, "-f", str(folder / entry), "config", "--quiet"], cwd=folder, env=env,
+                      timeout=120.0)
+
+
 class StackEngine(Protocol):
     kind: str
 
@@ -151,8 +157,7 @@ class ComposeEngine:
     kind: str = "compose"
 
     async def validate(self, folder: Path, entry: Path, env: Mapping[str, str]) -> None:
-        await run_command([self.compose, "-f", str(folder / entry), "config", "--quiet"], cwd=folder, env=env,
-                          timeout=120.0)
+        await validate_with_compose(self.compose, folder, entry, env)
 
     async def deploy(self, folder: Path, entry: Path, project: str, env: Mapping[str, str]) -> None:
         await run_command([self.compose, "-f", str(folder / entry), "--project-name", project, "up", "-d"],
@@ -176,8 +181,7 @@ class SwarmEngine:
     kind: str = "swarm"
 
     async def validate(self, folder: Path, entry: Path, env: Mapping[str, str]) -> None:
-        await run_command([self.compose, "-f", str(folder / entry), "config", "--quiet"], cwd=folder, env=env,
-                          timeout=120.0)
+        await validate_with_compose(self.compose, folder, entry, env)
 
     async def deploy(self, folder: Path, entry: Path, project: str, env: Mapping[str, str]) -> None:
         await run_command([self.cli, "stack", "deploy", "--with-registry-auth", "--compose-file",

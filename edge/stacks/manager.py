@@ -30,7 +30,7 @@ import aiodocker
 import aiohttp
 
 from agent.errors import Code, log_failure
-from agent.tasks import supervise
+from agent.tasks import cancel, supervise
 from edge.client import PollError
 from edge.stacks import store
 from edge.stacks.engines import CommandError, ProjectStatus, StackEngine, command_env
@@ -111,10 +111,7 @@ class StackManager:
 
     async def close(self) -> None:
         task, self._task = self._task, None
-        if task is not None:
-            task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
+        await cancel(task)
 
     async def _save(self) -> None:
         try:

@@ -16,7 +16,7 @@ import aiohttp
 import asyncssh
 
 from agent.errors import Code, log_failure
-from agent.tasks import spawn
+from agent.tasks import cancel, spawn
 from edge.tunnel.base import (
     FingerprintMismatchError,
     ReverseTunnel,
@@ -185,10 +185,7 @@ class SSHConnectionTunnel(ReverseTunnel):
 
     @staticmethod
     async def _stop_keepalive(task: asyncio.Task[None] | None) -> None:
-        if task is not None:
-            task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
+        await cancel(task)
 
     async def _open_once(self) -> tuple[asyncssh.SSHClientConnection, contextlib.AsyncExitStack]:
         try:

@@ -19,6 +19,7 @@ from typing import Any
 import pytest
 
 from tools.dockerd import DOCKER_CLI
+from tools.procs import descendants
 from tools.swarm import SwarmCluster
 
 FANOUT_DEADLINE = "2s"
@@ -232,8 +233,8 @@ def test_dead_agent_then_dead_network_do_not_break_listings(cluster: SwarmCluste
 
 
 def _serf_child(pid: int) -> int | None:
-    """The agent's serf child process, or None while there is none (being restarted)."""
-    for child in Path(f"/proc/{pid}/task/{pid}/children").read_text().split():
+    """The agent's serf process (a child of its first worker), or None while there is none (being restarted)."""
+    for child in descendants(pid):
         try:
             if Path(f"/proc/{child}/cmdline").read_bytes().split(b"\0")[0].endswith(b"serf"):
                 return int(child)

@@ -25,6 +25,7 @@ from tests.edge.chisel_server import ChiselTestServer
 from tests.edge.portainer_standin import PortainerStandin
 from tools.agentproc import AgentProcess
 from tools.dockerd import PrivateDockerd
+from tools.procs import descendants
 
 SSHD = "/usr/sbin/sshd"
 SSH_KEYGEN = "/usr/bin/ssh-keygen"
@@ -128,25 +129,6 @@ class Sshd:
     user: str
 
 
-def _descendants(pid: int) -> list[int]:
-    """Children (recursively) of ``pid``: sshd forks one per connection, and they are ours to stop too."""
-    children: dict[int, list[int]] = {}
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit():
-            continue
-        with contextlib.suppress(OSError, IndexError, ValueError):
-            stat = (entry / "stat").read_text()
-            ppid = int(stat.rsplit(")", 1)[1].split()[1])
-            children.setdefault(ppid, []).append(int(entry.name))
-    found: list[int] = []
-    todo = [pid]
-    while todo:
-        for child in children.get(todo.pop(), []):
-            found.append(child)
-            todo.append(child)
-    return found
-
-
 def _wait_port(port: int, proc: subprocess.Popen[bytes], timeout: float = 5.0) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
@@ -211,11 +193,11 @@ def sshd(tmp_path: Path) -> Iterator[Sshd]:
         yield Sshd(port, fingerprint, tmp_path / "client_key", pwd.getpwuid(os.geteuid()).pw_name)
     finally:
         # Children first (sshd reaps them), then the listener, all by PID.
-        for child in _descendants(proc.pid):
+        for child in descendants(proc.pid):
             with contextlib.suppress(ProcessLookupError):
                 os.kill(child, signal.SIGTERM)
         deadline = time.monotonic() + 2.0
-        while _descendants(proc.pid) and time.monotonic() < deadline:
+        while descendants(proc.pid) and time.monotonic() < deadline:
             time.sleep(0.02)
         proc.terminate()
         try:

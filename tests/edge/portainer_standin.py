@@ -482,18 +482,10 @@ class PortainerStandin:
         return http_error(404, "Unable to find the endpoint in the database")
 
     async def _job_logs(self, request: web.Request) -> web.Response:
-        endpoint_id = _endpoint_id(request)
-        if isinstance(endpoint_id, web.Response):
-            return endpoint_id
-        ep = self.endpoints.get(endpoint_id)
-        if ep is None:
-            return http_error(404, "Unable to find an environment with the specified identifier inside the database",
-                              "object not found inside the database")
-        edge_id = request.headers.get("X-PortainerAgent-EdgeID", "")
-        if not edge_id or (ep.edge_id and ep.edge_id != edge_id):
-            return http_error(403, "Permission denied to access environment",
-                              f"unauthorized edge endpoint operation: {'missing' if not edge_id else 'invalid'} "
-                              f"Edge identifier. Environment name: {ep.name}")
+        ep = self._edge_endpoint(request)
+        if isinstance(ep, web.Response):
+            return ep
+        endpoint_id = ep.id
         raw_job = request.match_info["jobID"]
         try:
             job_id = int(raw_job, 10)
@@ -521,11 +513,14 @@ class PortainerStandin:
 
     # --- Edge stacks ---------------------------------------------------------------------------------------
 
-    def _edge_endpoint(self, request: web.Request) -> Endpoint | web.Response:
-        """middlewares.WithEndpoint + bouncer.AuthorizedEdgeEndpointOperation, as for job logs."""
-        endpoint_id = _endpoint_id(request)
-        if isinstance(endpoint_id, web.Response):
-            return endpoint_id
+    def _edge_endpoint(self, request: web.Request, endpoint_id: int | None = None) -> Endpoint | web.Response:
+        """middlewares.WithEndpoint + bouncer.AuthorizedEdgeEndpointOperation (job logs, stack fetches; the
+        status update names its environment in the body)."""
+        if endpoint_id is None:
+            from_route = _endpoint_id(request)
+            if isinstance(from_route, web.Response):
+                return from_route
+            endpoint_id = from_route
         ep = self.endpoints.get(endpoint_id)
         if ep is None:
             return http_error(404, "Unable to find an environment with the specified identifier inside the database",
@@ -590,15 +585,9 @@ class PortainerStandin:
         stack = self.stacks.get(stack_id)
         if stack is None:
             return web.Response(body=b"null", content_type="application/json")
-        ep = self.endpoints.get(endpoint_id)
-        if ep is None:
-            return http_error(404, "Unable to find an environment with the specified identifier inside the database",
-                              "object not found inside the database")
-        edge_id = request.headers.get("X-PortainerAgent-EdgeID", "")
-        if not edge_id or (ep.edge_id and ep.edge_id != edge_id):
-            return http_error(403, "Permission denied to access environment",
-                              f"unauthorized edge endpoint operation: {'missing' if not edge_id else 'invalid'} "
-                              f"Edge identifier. Environment name: {ep.name}")
+        ep = self._edge_endpoint(request, endpoint_id)
+        if isinstance(ep, web.Response):
+            return ep
         self.stack_reports.append((stack_id, endpoint_id, status, error))
         if status == 4:
             stack.status.pop(endpoint_id, None)

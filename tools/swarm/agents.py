@@ -139,10 +139,12 @@ class AgentProcesses:
         finally:
             conn.close()
 
-    def wait_agents(self, timeout: float = 90.0) -> dict[str, list[dict[str, Any]]]:
-        """Poll `GET /agents` on every node until each lists all N NodeNames; returns the answers by node."""
+    def wait_agents(self, timeout: float = 90.0, in_a_row: int = 4) -> dict[str, list[dict[str, Any]]]:
+        """Poll `GET /agents` on every node until each lists all N NodeNames on `in_a_row` new connections in
+        a row (an agent has a worker process per CPU, each answering some connections); returns the answers."""
         want = {n.name for n in self.nodes}
         answers: dict[str, list[dict[str, Any]]] = {}
+        streak: dict[str, int] = {}
         last: dict[str, str] = {}
         deadline = time.monotonic() + timeout
         while True:
@@ -153,21 +155,27 @@ class AgentProcesses:
                     raise SwarmError(f"the agent of {node.name} exited; {node.agent_log}:\n"
                                      f"{tail(node.agent_log)}")
                 try:
-                    status, _, body = self.agent_request(node.index, "GET", "/agents", timeout=3)
+                    status, _, body = self.agent_request(node.index, "GET", "/agents", timeout=3,
+                                                         headers={"Connection": "close"})
                     if status != 200:
                         last[node.name] = f"HTTP {status}: {body[:200]!r}"
+                        streak[node.name] = 0
                         continue
                     agents = json.loads(body)
                     names = {a.get("NodeName") for a in agents if isinstance(a, dict)}
                     if names == want:
-                        answers[node.name] = agents
+                        streak[node.name] = streak.get(node.name, 0) + 1
+                        if streak[node.name] >= in_a_row:
+                            answers[node.name] = agents
                     else:
+                        streak[node.name] = 0
                         last[node.name] = f"lists {sorted(str(n) for n in names)}"
                 except (OSError, ValueError, http.client.HTTPException) as exc:
+                    streak[node.name] = 0
                     last[node.name] = f"{type(exc).__name__}: {exc}"
             if len(answers) == len(self.nodes):
                 return answers
             if time.monotonic() > deadline:
                 detail = "; ".join(f"{k}: {v}" for k, v in sorted(last.items()) if k not in answers)
                 raise SwarmError(f"agents not all answering with {sorted(want)} after {timeout}s: {detail}")
-            time.sleep(0.5)
+            time.sleep(0.2)
