@@ -380,11 +380,11 @@ async def relay_hijack(
     # Bytes the caller sent after its head (already read by aiohttp) belong to the stream: aiohttp keeps them
     # in its private _message_tail (checked against the aiohttp version by tests/unit/test_internals.py).
     tail: bytes = getattr(app_protocol, "_message_tail", b"")
-    transport.set_protocol(client)
+    transport.set_protocol(client)  # from here the caller's bytes bypass aiohttp's HTTP parser and go upstream
     if tail:
         app_protocol._message_tail = b""
         client.data_received(tail)
-    transport.resume_reading()
+    transport.resume_reading()  # aiohttp paused reading while its handler ran; the raw stream needs it on
     metrics.hijacked.inc()
     counter = metrics.bytes_streamed.labels("download")
     try:
@@ -396,7 +396,7 @@ async def relay_hijack(
             if client.lost.is_set():
                 break
             transport.write(data)
-            if not client.can_write.is_set():
+            if not client.can_write.is_set():  # back-pressure: a slow caller pauses our reads of the engine
                 await client.can_write.wait()
     except (ConnectionError, OSError) as exc:
         log_failure(Code.PROXY_DOCKER_STREAM_BROKEN, f"hijacked stream broke: {exc}", path=request.path)

@@ -97,6 +97,7 @@ class StackManager:
         self.clock = clock
         self.records: dict[int, StackRecord] = store.load(folder)
         self._wake = asyncio.Event()
+        self._told: set[int] = set()
         self._task: asyncio.Task[None] | None = None
 
     def project_folder(self, stack_id: int) -> Path:
@@ -153,6 +154,10 @@ class StackManager:
             self.records[ref.id] = StackRecord(ref.id, ref.version, old.name if old else "", Phase.INVALID)
             await self._report(ref.id, Status.ERROR, message)
             return
+        if payload.ignored and ref.id not in self._told:
+            self._told.add(ref.id)  # once per stack, not per version
+            log.warning("Edge stack %d: %s set by the server are Business Edition features Keelson does not "
+                        "implement: ignored", ref.id, ", ".join(payload.ignored))
         if old is not None and old.name and old.name != payload.name and old.phase is not Phase.INVALID:
             log.info("Edge stack %d renamed %s -> %s", ref.id, old.project, payload.project)
         self.records[ref.id] = StackRecord(ref.id, ref.version, payload.name, Phase.DEPLOY, str(payload.entry_file),

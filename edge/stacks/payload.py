@@ -29,6 +29,9 @@ from typing import Any
 # Compose's own rule for project names (lowercase letters, digits, dashes, underscores); the UI's is stricter.
 NAME_RE = re.compile(r"^[a-z0-9][-_a-z0-9]*$")
 MAX_ENTRIES = 256
+BUSINESS_FIELDS = ("RegistryCredentials", "PrePullImage", "RePullImage", "RetryDeploy", "EdgeUpdateID",
+                   "SupportRelativePath", "FilesystemPath", "RollbackTo", "ReadyRePullImage")
+"""What only Business Edition servers fill in a stack payload (CE 2.23 leaves them zero): not implemented."""
 MAX_PROJECT_BYTES = 16 * 1024 * 1024
 
 
@@ -86,6 +89,8 @@ class StackPayload:
     entry_file: PurePosixPath
     files: tuple[ProjectFile, ...]
     env: tuple[tuple[str, str], ...] = ()
+    ignored: tuple[str, ...] = ()
+    """Business Edition fields the server set, which Keelson does not act on."""
 
     @property
     def project(self) -> str:
@@ -150,7 +155,8 @@ def parse_stack_payload(body: bytes) -> StackPayload:
     for var in data.get("EnvVars") or []:
         if isinstance(var, dict) and isinstance(var.get("name"), str) and isinstance(var.get("value"), str):
             env.append((var["name"], var["value"]))
-    return StackPayload(name, entry, tuple(files), tuple(env))
+    ignored = tuple(f for f in BUSINESS_FIELDS if data.get(f))
+    return StackPayload(name, entry, tuple(files), tuple(env), ignored)
 
 
 def _write_file(folder: Path, item: ProjectFile) -> None:

@@ -51,6 +51,13 @@ def test_payload_as_ce_sends_it() -> None:
         ("docker-compose.yml", b"services: {}\n", 0o600), (".env", b"A=1\n", 0o600)]
 
 
+def test_business_edition_fields_are_named_as_ignored() -> None:
+    parsed = parse_stack_payload(payload(RegistryCredentials=[{"ServerURL": "r"}], PrePullImage=True, RetryDeploy=False,
+                                         EdgeUpdateID=0))
+    assert parsed.ignored == ("RegistryCredentials", "PrePullImage")
+    assert parse_stack_payload(payload()).ignored == ()
+
+
 def test_payload_from_an_old_server_uses_stack_file_content() -> None:
     parsed = parse_stack_payload(payload(entries=[], StackFileContent="services: {}\n"))
     assert parsed.files[0].content == b"services: {}\n"
