@@ -152,7 +152,9 @@ async def run(config: Config, stop: asyncio.Event, slot: WorkerSlot | None = Non
     primary = slot is None or slot.primary
     view_task: asyncio.Task[None] | None = None
     if shared and slot is not None and primary:
-        view_task = supervise(partial(publish_view, state, slot.view_path), "cluster-view")
+        changed = asyncio.Event()
+        state.membership.subscribe(lambda _members: changed.set())  # once: the supervised loop may restart
+        view_task = supervise(partial(publish_view, state, slot.view_path, changed), "cluster-view")
     elif shared and slot is not None and state.info.swarm:
         assert isinstance(state.membership, StaticMembership)
         first = asyncio.Event()

@@ -101,11 +101,9 @@ def write_view(path: Path, raw: bytes) -> None:
     os.replace(aside, path)
 
 
-async def publish_view(state: Any, path: Path) -> None:
-    """Primary: write the view at once when the members change, and when the Swarm role changes (looked at
-    every VIEW_INTERVAL)."""
-    changed = asyncio.Event()
-    state.membership.subscribe(lambda _members: changed.set())
+async def publish_view(state: Any, path: Path, changed: asyncio.Event) -> None:
+    """Primary: write the view at once when ``changed`` is set (the members changed), and when the Swarm role
+    changes (looked at every VIEW_INTERVAL)."""
     last = b""
     while True:
         raw = view_of(state.members(), state.info, state.engine_managers)

@@ -61,17 +61,9 @@ def rss_kib(pid: int) -> int:
 def agent_memory_kib(pid: int) -> int:
     """An agent's memory: PSS summed over the process started and all its children (its worker processes and
     the Serf agent), so pages the forked workers share count once. 0 when it is gone."""
-    from tools.procs import descendants
+    from tools.procs import tree_pss_kib
 
-    total = 0
-    for p in [pid, *descendants(pid)]:
-        try:
-            for line in Path(f"/proc/{p}/smaps_rollup").read_text().splitlines():
-                if line.startswith("Pss:"):
-                    total += int(line.split()[1])
-        except (OSError, ValueError):
-            continue
-    return total
+    return tree_pss_kib(pid)
 
 
 class RssSampler:

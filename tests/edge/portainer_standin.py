@@ -52,14 +52,20 @@ from tests.edge.chisel_server import ChiselTestServer
 MIN_PORT, MAX_PORT = 49152, 65535
 
 
+def _route_int(request: web.Request, name: str, message: str, prefix: str = "", suffix: str = ""
+               ) -> int | web.Response:
+    """A numeric route variable, or Portainer's 400 (libhttp's RetrieveNumericRouteVariableValue) for one that is
+    not a number; ``prefix``/``suffix`` wrap the strconv error as the handler's own message does."""
+    raw = request.match_info[name]
+    try:
+        return int(raw, 10)
+    except ValueError:
+        return http_error(400, message, f'{prefix}strconv.Atoi: parsing "{raw}": invalid syntax{suffix}')
+
+
 def _endpoint_id(request: web.Request) -> int | web.Response:
     """The route's environment id, or Portainer's 400 for one that is not a number."""
-    raw_id = request.match_info["id"]
-    try:
-        return int(raw_id, 10)
-    except ValueError:
-        return http_error(400, "Invalid environment identifier route variable",
-                          f'strconv.Atoi: parsing "{raw_id}": invalid syntax')
+    return _route_int(request, "id", "Invalid environment identifier route variable")
 
 
 def _ephemeral_range() -> tuple[int, int]:
@@ -486,13 +492,10 @@ class PortainerStandin:
         if isinstance(ep, web.Response):
             return ep
         endpoint_id = ep.id
-        raw_job = request.match_info["jobID"]
-        try:
-            job_id = int(raw_job, 10)
-        except ValueError:
-            return http_error(400, "Invalid edge job identifier route variable",
-                              f"invalid Edge job route variable: strconv.Atoi: parsing \"{raw_job}\": invalid "
-                              f"syntax. Environment name: {ep.name}")
+        job_id = _route_int(request, "jobID", "Invalid edge job identifier route variable",
+                            "invalid Edge job route variable: ", f". Environment name: {ep.name}")
+        if isinstance(job_id, web.Response):
+            return job_id
         try:
             payload = json.loads(await request.read())
             content = payload.get("FileContent", "") if isinstance(payload, dict) else None
@@ -536,12 +539,9 @@ class PortainerStandin:
         ep = self._edge_endpoint(request)
         if isinstance(ep, web.Response):
             return ep
-        raw = request.match_info["stackId"]
-        try:
-            stack_id = int(raw, 10)
-        except ValueError:
-            return http_error(400, "Invalid edge stack identifier route variable",
-                              f'strconv.Atoi: parsing "{raw}": invalid syntax')
+        stack_id = _route_int(request, "stackId", "Invalid edge stack identifier route variable")
+        if isinstance(stack_id, web.Response):
+            return stack_id
         stack = self.stacks.get(stack_id)
         if stack is None:
             return http_error(404, "Unable to find an edge stack with the specified identifier inside the database",
@@ -563,12 +563,9 @@ class PortainerStandin:
         }), content_type="application/json")
 
     async def _stack_status(self, request: web.Request) -> web.Response:
-        raw = request.match_info["id"]
-        try:
-            stack_id = int(raw, 10)
-        except ValueError:
-            return http_error(400, "Invalid stack identifier route variable",
-                              f'strconv.Atoi: parsing "{raw}": invalid syntax')
+        stack_id = _route_int(request, "id", "Invalid stack identifier route variable")
+        if isinstance(stack_id, web.Response):
+            return stack_id
         try:
             payload = json.loads(await request.read())
             if not isinstance(payload, dict):

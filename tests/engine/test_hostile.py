@@ -20,7 +20,7 @@ import pytest
 from tests.engine.test_versions import poll_until
 from tools.agentproc import AgentProcess, insecure_context
 from tools.dockerd import PrivateDockerd
-from tools.procs import cmdline, descendants
+from tools.procs import cmdline, descendants, tree_pss_kib
 
 MiB = 2**20
 
@@ -32,13 +32,7 @@ def _agent_pids(pid: int) -> list[int]:
 
 def rss_mib(pid: int) -> float:
     """Memory of the agent's processes: PSS summed (pages the forked workers share count once)."""
-    total = 0.0
-    for p in _agent_pids(pid):
-        with contextlib.suppress(OSError):
-            for line in Path(f"/proc/{p}/smaps_rollup").read_text().splitlines():
-                if line.startswith("Pss:"):
-                    total += int(line.split()[1]) / 1024
-    return total
+    return tree_pss_kib(pid) / 1024
 
 
 def open_fds(pid: int) -> int:
