@@ -96,7 +96,9 @@ def profile(pid: int, spec: dict[str, Any], seconds: float, out: Path) -> dict[s
 
     loader = threading.Thread(target=load)
     loader.start()
-    rec = subprocess.run([binary, "record", "--pid", str(pid), "--duration", str(max(1, int(seconds))),
+    # --subprocesses: the supervisor only waits; its forked workers do the work
+    rec = subprocess.run([binary, "record", "--pid", str(pid), "--subprocesses",
+                          "--duration", str(max(1, int(seconds))),
                           "--rate", "250", "--nonblocking", "--format", "raw", "--output", str(out)],
                          capture_output=True, text=True, timeout=seconds + 120, check=False)
     loader.join()

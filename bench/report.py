@@ -27,11 +27,13 @@ def targets(results: dict[str, Any]) -> dict[str, dict[str, Any]]:
 
     ov = results.get("overhead") or {}
     add("p50 agent/direct, /containers/json c=1", _get(ov, "ratios", f"{CONTAINERS} c=1", "p50_agent/direct"),
-        "<=", 1.3)
-    for path in ("/_ping", "/version", CONTAINERS):
+        "<=", 1.15)
+    # /_ping is the agent's whole per-request cost against HAProxy's (the engine answers in no time): 0.75x;
+    # where the engine does work, the agent must keep up with HAProxy.
+    for path, bound in (("/_ping", 0.75), ("/version", 1.0), (CONTAINERS, 1.0)):
         add(f"req/s agent/haproxy, {path} c=64 (bench.loadgen)",
-            _get(ov, "ratios", f"{path} c=64", "rps_agent/haproxy"), ">=", 1.0)
-        add(f"req/s agent/haproxy, {path} c=64 (hey)", _get(ov, "hey_ratios", f"{path} c=64"), ">=", 1.0)
+            _get(ov, "ratios", f"{path} c=64", "rps_agent/haproxy"), ">=", bound)
+        add(f"req/s agent/haproxy, {path} c=64 (hey)", _get(ov, "hey_ratios", f"{path} c=64"), ">=", bound)
     st = results.get("streaming") or {}
     for case in ("save", "logs"):
         add(f"MB/s agent/direct, {case} (docker CLI)", _get(st, case, "mbps_agent/direct"), ">=", 0.9)

@@ -192,9 +192,7 @@ async def _ask_now(request: web.Request, upstream: Upstream, path_qs: str, membe
     headers.pop("Content-Length", None)
 
     async def call() -> NodeAnswer:
-        async with upstream.session.request(
-            request.method, upstream.base_url + path_qs, headers=headers, data=body, allow_redirects=False,
-        ) as resp:
+        async with await upstream.send(request.method, path_qs, headers, body) as resp:
             async with gate:  # back-pressure: the others wait in their sockets, not in our memory
                 raw = await resp.read()
                 answer = parse_node_body(member.node_name, resp.status, raw, listing.volumes)

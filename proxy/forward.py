@@ -20,6 +20,7 @@ from agent.connguard import unwrap_protocol
 from agent.errors import Code, json_error, log_failure
 from agent.metrics import Metrics
 from agent.tasks import spawn
+from proxy.h1 import ConnectFailed
 from proxy.upstream import Upstream
 
 HOP_BY_HOP = frozenset(
@@ -92,36 +93,38 @@ async def forward_http(
     headers = outgoing_headers(request, extra_headers)
     headers["Host"] = upstream.host_header
     body: Any = None
-    chunked: bool | None = None
+    chunked = False
     if request.body_exists:
         body = _counting(request.content, metrics, "upload")
-        chunked = None if "Content-Length" in headers else True
+        chunked = "Content-Length" not in headers
     try:
         async with asyncio.timeout(head_timeout):
-            upstream_resp = await upstream.session.request(
-                request.method, upstream.base_url + path_qs, headers=headers, data=body,
-                allow_redirects=False, compress=None, chunked=chunked,
-            )
+            upstream_resp = await upstream.send(request.method, path_qs, headers, body, chunked)
     except TimeoutError as exc:  # only with head_timeout: a kept-alive connection to a node now cut off
         if fall_through:
             raise UpstreamUnreachable(f"no answer within {head_timeout:g}s") from exc
         return json_error(504, f"{upstream.name} at {upstream.base_url} did not answer in time", unreachable)
-    except (aiohttp.ClientConnectorError, aiohttp.ConnectionTimeoutError) as exc:
+    except (ConnectFailed, aiohttp.ClientConnectorError, aiohttp.ConnectionTimeoutError) as exc:
         if fall_through:
             raise UpstreamUnreachable(str(exc) or type(exc).__name__) from exc
         return json_error(502, f"Unable to reach {upstream.name} at {upstream.base_url}: {exc}", unreachable)
     except (aiohttp.ClientError, OSError) as exc:
         return json_error(502, f"Unable to reach {upstream.name} at {upstream.base_url}: {exc}", unreachable)
     async with upstream_resp:
-        response = web.StreamResponse(status=upstream_resp.status, reason=upstream_resp.reason,
-                                      headers=response_headers(upstream_resp.headers))
+        content = upstream_resp.content
+        first = content.read_nowait() if request.method != "HEAD" else b""
+        # What came with the head goes out with ours, in one write (one TLS record, one send); a head whose body
+        # is not there yet (events, logs -f) goes out at once, as before.
+        kind = _CoalescedResponse if first or content.at_eof() else web.StreamResponse
+        response = kind(status=upstream_resp.status, reason=upstream_resp.reason,
+                        headers=response_headers(upstream_resp.headers))
         length = upstream_resp.headers.get("Content-Length")
         if length is not None and length.isdigit():
             response.content_length = int(length)
         try:
             await response.prepare(request)
             if request.method != "HEAD":
-                await _pipe_body(upstream_resp.content, response, metrics, length is None)
+                await _pipe_body(content, response, metrics, length is None, first)
             await response.write_eof()
         except (ConnectionResetError, aiohttp.ClientConnectionResetError):
             log_failure(Code.PROXY_CLIENT_GONE, "client went away during a stream", path=request.path)
@@ -132,15 +135,21 @@ async def forward_http(
     return response
 
 
+class _CoalescedResponse(web.StreamResponse):
+    """A relayed answer whose head waits for the first piece of body (aiohttp's web.Response does so)."""
+
+    _send_headers_immediately = False
+
+
 async def _pipe_body(content: aiohttp.StreamReader, response: web.StreamResponse, metrics: Metrics,
-                     gather: bool) -> None:
+                     gather: bool, first: bytes = b"") -> None:
     """Copy a response body as it arrives. With `gather` (a body of unknown length: logs, events, save), a
     piece smaller than GATHER_BELOW waits at most GATHER_WAIT for more (up to CHUNK), so that a burst of small
     pieces (`docker logs` sends one HTTP chunk per line) goes out as one write (one TLS record, one send)
     instead of one per line."""
     counter = metrics.bytes_streamed.labels("download")
     while True:
-        chunk = await content.readany()
+        chunk, first = first or await content.readany(), b""
         if not chunk:
             return
         if gather and len(chunk) < GATHER_BELOW:

@@ -1,7 +1,10 @@
-"""Where a forwarded request goes: the local engine or another agent, each with a pooled HTTP session.
+"""Where a forwarded request goes: the local engine or another agent, each over pooled connections.
 
-Both kinds look the same to forward.py: a base URL, an aiohttp session with keep-alive connections (for plain
-requests) and a way to open a raw connection (for hijacked attach/exec streams).
+Both kinds look the same to forward.py and fanout.py: `send` (one request over a kept-alive connection; its
+answer has `status`, `reason`, `headers` and the body as an aiohttp StreamReader in `content`) and
+`open_raw` (a connection of its own, for hijacked attach/exec streams). The engine hop, which every relayed
+request takes, goes through the lean client of proxy/h1.py; peers through an aiohttp session (TLS, many
+hosts, and a fan-out's connect deadlines).
 """
 
 from __future__ import annotations
@@ -11,33 +14,71 @@ import contextlib
 import json
 import logging
 import ssl
+from collections.abc import AsyncIterable, Mapping
+from types import TracebackType
+from typing import Any, Protocol
+from urllib.parse import urlencode
 
 import aiohttp
+from aiohttp.streams import StreamReader
+from multidict import CIMultiDictProxy
 
 from agent.config import DockerEndpoint
 from agent.tasks import supervise
 from agent.tls import docker_client_context, peer_client_context
 from agent.tlsproto import open_tls_connection, shrink_client_read_buffers
+from proxy.h1 import H1Pool, tcp_socket, unix_socket
 from proxy.target import ApiRange
 
 log = logging.getLogger(__name__)
 
 FORWARD_SKIP_AUTO_HEADERS = ("User-Agent", "Accept", "Accept-Encoding", "Content-Type")
 """aiohttp's client adds these when the request lacks them; a relayed request carries the caller's only."""
-_TIMEOUT = aiohttp.ClientTimeout(total=None, connect=None, sock_connect=10, sock_read=None)
+ENGINE_CONNECT_TIMEOUT = 10.0
+
+
+class Answer(Protocol):
+    """An upstream's answer: its head, and its body as it arrives; `async with` releases the connection."""
+
+    @property
+    def status(self) -> int: ...
+
+    @property
+    def reason(self) -> str | None: ...
+
+    @property
+    def headers(self) -> CIMultiDictProxy[str]: ...
+
+    @property
+    def content(self) -> StreamReader: ...
+
+    async def read(self) -> bytes: ...
+
+    async def __aenter__(self) -> Any: ...
+
+    async def __aexit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
+                        tb: TracebackType | None) -> Any: ...
+
+
+Body = bytes | AsyncIterable[bytes] | None
 
 
 class Upstream:
-    """One HTTP destination (engine or peer agent) reached over a pooled session."""
+    """One HTTP destination (engine or peer agent) reached over pooled connections."""
 
     name = "upstream"
     connect_timeout: float | None = None
-    """Deadline for a new connection (None: the session's)."""
+    """Deadline for a new connection (None: the pool's)."""
 
-    def __init__(self, base_url: str, session: aiohttp.ClientSession, host_header: str) -> None:
+    def __init__(self, base_url: str, host_header: str) -> None:
         self.base_url = base_url
-        self.session = session
         self.host_header = host_header
+
+    async def send(self, method: str, path_qs: str, headers: Mapping[str, str], body: Body = None,
+                   chunked: bool = False) -> Answer:
+        """One request (the caller's headers as they are, Host excepted); returns once the answer's head is
+        in. Raises ConnectFailed (or aiohttp's connector errors) when no connection could be made."""
+        raise NotImplementedError
 
     async def open_raw(self) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
         raise NotImplementedError
@@ -51,29 +92,33 @@ class EngineUpstream(Upstream):
     def __init__(self, endpoint: DockerEndpoint) -> None:
         self.endpoint = endpoint
         self.ssl_context: ssl.SSLContext | None = None
-        connector: aiohttp.BaseConnector
         if endpoint.is_unix:
-            connector = aiohttp.UnixConnector(path=endpoint.socket_path, limit=0, keepalive_timeout=30)
+            assert endpoint.socket_path is not None
             host = "docker"
+            connect = unix_socket(endpoint.socket_path)
         else:
             if endpoint.uses_tls:
                 assert endpoint.cert_path is not None
                 self.ssl_context = docker_client_context(endpoint.cert_path, endpoint.tls_verify)
-            connector = aiohttp.TCPConnector(limit=0, ssl=self.ssl_context or False, keepalive_timeout=30)
             host = endpoint.http_base.split("://", 1)[1]
-        session = aiohttp.ClientSession(
-            connector=connector, timeout=_TIMEOUT, auto_decompress=False,
-            skip_auto_headers=FORWARD_SKIP_AUTO_HEADERS,
-        )
-        super().__init__(endpoint.http_base, session, host)
+            name, _, port = host.rpartition(":")
+            connect = tcp_socket(name.strip("[]"), int(port), self.ssl_context)
+        super().__init__(endpoint.http_base, host)
+        self.pool = H1Pool(connect, host, connect_timeout=ENGINE_CONNECT_TIMEOUT, keepalive=30.0)
         self.api_range: ApiRange | None = None
         """The API versions this engine accepts; None until read (requests then go at the caller's version)."""
         self._watch: asyncio.Task[None] | None = None
 
+    async def send(self, method: str, path_qs: str, headers: Mapping[str, str], body: Body = None,
+                   chunked: bool = False) -> Answer:
+        return await self.pool.request(method, path_qs, headers.items(), body, chunked)
+
     async def read_api_range(self, announce: bool = False) -> ApiRange | None:
         """`GET /version` (unversioned: every engine answers it) -> MinAPIVersion..ApiVersion."""
-        async with self.session.get(self.base_url + "/version", timeout=aiohttp.ClientTimeout(total=10)) as resp:
-            body = await resp.json(content_type=None) if resp.status == 200 else None
+        async with asyncio.timeout(10):
+            async with await self.send("GET", "/version", {}) as resp:
+                raw = await resp.read() if resp.status == 200 else b""
+        body = json.loads(raw) if raw else None
         found = ApiRange.from_version_body(body) if isinstance(body, dict) else None
         if found is not None and (announce or found != self.api_range):
             log.info("engine API versions %d.%d..%d.%d", *found.low, *found.high)
@@ -96,7 +141,7 @@ class EngineUpstream(Upstream):
                 if reconnect or self.api_range is None:  # start-up has read it already
                     await self.read_api_range(announce=reconnect)
                 reconnect = True
-                async with self.session.get(self.base_url + "/events", params=events) as resp:
+                async with await self.send("GET", "/events?" + urlencode(events), {}) as resp:
                     delay = 0.5
                     async for _line in resp.content:
                         await self.read_api_range()
@@ -118,7 +163,7 @@ class EngineUpstream(Upstream):
             self._watch.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._watch
-        await self.session.close()
+        await self.pool.close()
 
 
 class PeerPool:
@@ -157,8 +202,16 @@ class PeerUpstream(Upstream):
         self.ip = ip
         self.port = port
         host = f"[{ip}]:{port}" if ":" in ip else f"{ip}:{port}"
-        super().__init__(f"{'https' if pool.tls else 'http'}://{host}", pool.session, host)
+        super().__init__(f"{'https' if pool.tls else 'http'}://{host}", host)
+        self.session = pool.session
         self.connect_timeout = pool.connect_timeout
+
+    async def send(self, method: str, path_qs: str, headers: Mapping[str, str], body: Body = None,
+                   chunked: bool = False) -> Answer:
+        return await self.session.request(
+            method, self.base_url + path_qs, headers=headers, data=body,
+            allow_redirects=False, compress=None, chunked=chunked or None,
+        )
 
     async def open_raw(self) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
         if self.pool.ssl_context is not None:

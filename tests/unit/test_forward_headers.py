@@ -1,5 +1,6 @@
-"""The forwarder sends the caller's headers, header for header: nothing that aiohttp's client would add on its
-own (Accept, Accept-Encoding, Content-Type, User-Agent), minus hop-by-hop headers, plus X-Forwarded-For.
+"""The forwarder sends the caller's headers, header for header: nothing that an HTTP client would add on its
+own (Accept, Accept-Encoding, Content-Type, User-Agent), minus hop-by-hop headers, plus X-Forwarded-For; the
+same over both upstream kinds (the engine's lean client and the peers' aiohttp session).
 The upstream here is an echo server on loopback that answers with the headers it received."""
 
 from __future__ import annotations
@@ -7,13 +8,14 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
-import aiohttp
+import pytest
 from aiohttp import web
 from aiohttp.test_utils import TestClient, TestServer
 
+from agent.config import DockerEndpoint
 from agent.metrics import Metrics
 from proxy.forward import forward_http
-from proxy.upstream import FORWARD_SKIP_AUTO_HEADERS, Upstream
+from proxy.upstream import EngineUpstream, PeerPool, Upstream
 
 
 async def echo(request: web.Request) -> web.Response:
@@ -21,13 +23,19 @@ async def echo(request: web.Request) -> web.Response:
     return web.json_response({"headers": [[k, v] for k, v in request.headers.items()], "body": body.decode()})
 
 
-async def test_forwarded_headers_are_the_callers(aiohttp_server: Callable[..., Any],
+@pytest.mark.parametrize("kind", ["engine", "peer"])
+async def test_forwarded_headers_are_the_callers(kind: str, aiohttp_server: Callable[..., Any],
                                                  aiohttp_client: Callable[..., Any]) -> None:
     upstream_app = web.Application()
     upstream_app.router.add_route("*", "/{tail:.*}", echo)
     server: TestServer = await aiohttp_server(upstream_app)
-    session = aiohttp.ClientSession(skip_auto_headers=FORWARD_SKIP_AUTO_HEADERS, auto_decompress=False)
-    upstream = Upstream(str(server.make_url("")).rstrip("/"), session, f"127.0.0.1:{server.port}")
+    upstream: Upstream
+    if kind == "engine":
+        engine = EngineUpstream(DockerEndpoint(url=f"tcp://127.0.0.1:{server.port}"))
+        upstream, close = engine, engine.close
+    else:
+        pool = PeerPool(tls=False)
+        upstream, close = pool.upstream("127.0.0.1", server.port), pool.close
     metrics = Metrics()
 
     async def relay(request: web.Request) -> web.StreamResponse:
@@ -47,4 +55,4 @@ async def test_forwarded_headers_are_the_callers(aiohttp_server: Callable[..., A
             assert added not in names, (added, got["headers"])
         assert {"x-registry-auth", "x-custom", "x-forwarded-for", "host", "content-length"} == set(names)
     finally:
-        await session.close()
+        await close()

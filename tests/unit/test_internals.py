@@ -7,6 +7,10 @@ fails here, by name, instead of somewhere deep in a stream.
 - asyncio's SSLProtocol.max_size, read when a connection is made: peers' client connections read into
   smaller buffers (agent/tlsproto.py shrink_client_read_buffers, applied by proxy/upstream.py PeerPool)
 - aiodocker's Docker._query_json: raw JSON calls (agent/engine.py)
+- aiohttp's HttpResponseParser and BaseProtocol, below its client: the engine hop's lean client (proxy/h1.py)
+  feeds the parser and lets the payload reader pause and resume its protocol
+- aiohttp's StreamResponse._send_headers_immediately: a relayed answer whose body is at hand sends its head
+  with the body's first piece (proxy/forward.py _CoalescedResponse)
 """
 
 from __future__ import annotations
@@ -57,3 +61,49 @@ async def test_peer_connections_read_into_small_buffers() -> None:
         assert tlsproto.HalfCloseSSLProtocol.max_size == tlsproto.READ_BUFFER
     finally:
         await pool.close()
+
+
+def test_aiohttp_response_parser_and_base_protocol() -> None:
+    from aiohttp import http_parser
+    from aiohttp.base_protocol import BaseProtocol
+    from aiohttp.streams import EMPTY_PAYLOAD, StreamReader
+
+    params = inspect.signature(http_parser.HttpResponseParserPy.__init__).parameters
+    for name in ("protocol", "loop", "limit", "payload_exception", "response_with_body", "read_until_eof",
+                 "auto_decompress"):
+        assert name in params, (name, aiohttp.__version__)
+    assert http_parser.HttpResponseParser.__module__ == "aiohttp._http_parser", "the C parser is not built"
+    for name in ("feed_data", "feed_eof", "pause_reading"):
+        assert hasattr(http_parser.HttpResponseParser, name), name
+    for name in ("_drain_helper", "_parser", "pause_reading", "resume_reading", "transport"):
+        assert hasattr(BaseProtocol, name) or name in BaseProtocol.__slots__, name
+    # resuming a paused reader re-enters data_received with no bytes: the parser goes on with what it holds
+    assert 'self.data_received(b"")' in inspect.getsource(BaseProtocol.resume_reading)
+    assert EMPTY_PAYLOAD.at_eof() and hasattr(StreamReader, "at_eof")
+
+
+async def test_aiohttp_response_parser_feeds_one_answer() -> None:
+    from aiohttp.http_parser import HttpResponseParser
+
+    from proxy.h1 import _Connection
+
+    conn = _Connection(asyncio.get_running_loop())
+    parser = HttpResponseParser(conn, asyncio.get_running_loop(), 2**16, payload_exception=aiohttp.ClientPayloadError,
+                                response_with_body=True, read_until_eof=True, auto_decompress=False)
+    messages, upgraded, tail = parser.feed_data(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\nApi-Version: 1.47\r\n\r\nOK")
+    assert not upgraded and not tail and len(messages) == 1
+    message, payload = messages[0]
+    assert (message.code, message.reason, message.headers["api-version"]) == (200, "OK", "1.47")
+    assert not message.should_close
+    assert payload.at_eof() is False and await payload.read() == b"OK" and payload.at_eof()
+
+
+def test_aiohttp_stream_response_can_hold_its_head_for_the_body() -> None:
+    from aiohttp import web, web_response
+
+    from proxy.forward import _CoalescedResponse
+
+    assert web.StreamResponse._send_headers_immediately is True
+    assert web.Response._send_headers_immediately is False
+    assert "if self._send_headers_immediately:" in inspect.getsource(web_response.StreamResponse._write_headers)
+    assert _CoalescedResponse._send_headers_immediately is False
