@@ -29,6 +29,7 @@ async def test_forwarded_headers_are_the_callers(kind: str, aiohttp_server: Call
     upstream_app = web.Application()
     upstream_app.router.add_route("*", "/{tail:.*}", echo)
     server: TestServer = await aiohttp_server(upstream_app)
+    assert server.port is not None
     upstream: Upstream
     if kind == "engine":
         engine = EngineUpstream(DockerEndpoint(url=f"tcp://127.0.0.1:{server.port}"))
