@@ -105,7 +105,8 @@ def profile(pid: int, spec: dict[str, Any], seconds: float, out: Path) -> dict[s
     if rec.returncode != 0 or not out.exists():
         return {"skipped": f"py-spy failed: {rec.stderr.strip()[-500:]}"}
     summary = summarize(out.read_text())
-    summary["load"] = {k: result.get(k) for k in ("rps", "p50_ms", "requests")}
+    summary["load"] = {k: result[k] for k in ("rps", "p50_ms", "requests", "status", "bytes", "seconds", "mb_per_s")
+                       if k in result}
     summary["raw"] = str(out.relative_to(REPO)) if out.is_relative_to(REPO) else str(out)
     log(f"profile {spec['url'].rsplit('/', 1)[-1]}: {summary['samples']} samples; areas {summary['areas_pct']}")
     return summary
