@@ -90,10 +90,13 @@ def _engine_scenarios(wanted: list[str], sizes: Sizes, results: dict[str, Any], 
             try:
                 haproxy = HAProxy(root / "haproxy", str(engine.socket)).start()
                 targets = {"direct": direct, "agent": agent.url, "haproxy": haproxy.url}
+                pids = {"agent": agent.pid, "haproxy": haproxy.pid}
                 if before is not None:
                     targets["agent_before"] = before.url
+                    pids["agent_before"] = before.pid
                 with timed(timings, "overhead_s"):
-                    results["overhead"] = overhead.run(targets, headers, sizes, rounds=1 if sizes.quick else 3)
+                    results["overhead"] = overhead.run(targets, headers, sizes, rounds=1 if sizes.quick else 3,
+                                                       pids=pids)
             except Exception as exc:
                 results["overhead"] = _failed("overhead", exc)
             finally:

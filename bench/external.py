@@ -34,6 +34,11 @@ class HAProxy:
     def url(self) -> str:
         return f"https://127.0.0.1:{self.port}"
 
+    @property
+    def pid(self) -> int:
+        assert self.proc is not None, "HAProxy is not started"
+        return self.proc.pid
+
     def config(self) -> str:
         return f"""global
     maxconn 4096

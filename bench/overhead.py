@@ -11,6 +11,7 @@ from typing import Any
 from bench import loadgen
 from bench.common import Sizes, log, ratio
 from bench.external import hey
+from tools.procs import tree_cpu_seconds
 
 PATHS = ("/_ping", "/version", "/containers/json?all=1")
 CONCURRENCY = (1, 64)
@@ -23,9 +24,11 @@ def _best(runs: list[dict[str, Any]]) -> dict[str, Any]:
 
 
 def run(targets: dict[str, str], headers: dict[str, str], sizes: Sizes, rounds: int = 2,
-        with_hey: bool = True) -> dict[str, Any]:
+        with_hey: bool = True, pids: dict[str, int] | None = None) -> dict[str, Any]:
     """targets: name -> base URL (unix://SOCKET: or https://host:port). Names `direct`, `agent`, `haproxy`
-    get the ratios; any other (e.g. `agent_before`) is measured the same way."""
+    get the ratios; any other (e.g. `agent_before`) is measured the same way. `pids` (name -> PID of a
+    server's main process): with hey, the CPU its process tree spends per request, a figure that does not
+    depend on how busy the machine is."""
     table: dict[str, dict[str, dict[str, Any]]] = {}
     for path in PATHS:
         for conc in CONCURRENCY:
@@ -69,6 +72,7 @@ def run(targets: dict[str, str], headers: dict[str, str], sizes: Sizes, rounds: 
     if with_hey:
         hey_table: dict[str, dict[str, Any]] = {}
         hey_ratios: dict[str, float] = {}
+        cpu_ratios: dict[str, float] = {}
         for path in PATHS:
             row = {}
             for name, base in targets.items():
@@ -77,7 +81,12 @@ def run(targets: dict[str, str], headers: dict[str, str], sizes: Sizes, rounds: 
                 # As many requests as our client managed in its time bound, so hey stays within it too.
                 rate = table[f"{path} c=64"].get(name, {}).get("rps", 0.0)
                 count = max(256, min(sizes.requests_c64, int(rate * sizes.seconds)))
+                pid = (pids or {}).get(name)
+                cpu0 = tree_cpu_seconds(pid) if pid else 0.0
                 res = hey(base + path, headers, 64, count, timeout=sizes.seconds * 6 + 60)
+                answered = sum(res.get("statuses", {}).values())
+                if pid and answered:
+                    res["cpu_us_per_request"] = round((tree_cpu_seconds(pid) - cpu0) / answered * 1e6, 1)
                 row[name] = res
                 log(f"overhead hey {path:<22} c=64 {name:<13}: {res.get('rps', 0):.0f} req/s, "
                     f"p50 {res.get('p50_ms', 0)} ms")
@@ -85,6 +94,9 @@ def run(targets: dict[str, str], headers: dict[str, str], sizes: Sizes, rounds: 
             hey_table[key] = row
             if "agent" in row and "haproxy" in row:
                 hey_ratios[key] = ratio(row["agent"].get("rps", 0), row["haproxy"].get("rps", 0))
+                if row["agent"].get("cpu_us_per_request") and row["haproxy"].get("cpu_us_per_request"):
+                    cpu_ratios[key] = ratio(row["agent"]["cpu_us_per_request"], row["haproxy"]["cpu_us_per_request"])
         out["hey"] = hey_table
         out["hey_ratios"] = hey_ratios
+        out["cpu_ratios"] = cpu_ratios
     return out

@@ -76,6 +76,13 @@ def markdown(results: dict[str, Any]) -> str:
                 f"`{k}` " + ", ".join(f"{n} {v.get('rps', 0):.0f}" for n, v in row.items())
                 + f" (agent/haproxy {ov.get('hey_ratios', {}).get(k)})"
                 for k, row in ov["hey"].items()))
+            if ov.get("cpu_ratios"):
+                lines.append("")
+                lines.append("CPU per request during those hey runs (process tree, µs): " + "; ".join(
+                    f"`{k}` " + ", ".join(f"{n} {v['cpu_us_per_request']}" for n, v in row.items()
+                                          if v.get("cpu_us_per_request"))
+                    + f" (agent/haproxy {ov['cpu_ratios'].get(k)})"
+                    for k, row in ov["hey"].items()))
         lines.append("")
     st = results.get("streaming")
     if isinstance(st, dict) and "save" in st:

@@ -108,3 +108,13 @@ def tree_pss_kib(pid: int) -> int:
                 if line.startswith("Pss:"):
                     total += int(line.split()[1])
     return total
+
+
+def tree_cpu_seconds(pid: int) -> float:
+    """User + system CPU seconds of ``pid`` and its live descendants (from /proc/PID/stat); 0.0 when gone."""
+    ticks = 0
+    for p in [pid, *descendants(pid)]:
+        stat = proc_stat(p)
+        if stat is not None and len(stat) > 12:
+            ticks += int(stat[11]) + int(stat[12])  # utime, stime (fields 14 and 15 of stat)
+    return ticks / os.sysconf("SC_CLK_TCK")
