@@ -110,13 +110,25 @@ async def test_chunked_and_until_close_bodies_stream() -> None:
             assert await resp.read() == b"until the end"
 
 
-async def test_a_kept_alive_connection_the_server_closed_is_retried_once() -> None:
-    async def one_answer_then_close(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        await read_request(reader)
-        writer.write(b"HTTP/1.1 204 No Content\r\n\r\n")
-        await writer.drain()
+def answering(raw: bytes, keep_alive: bool) -> Script:
+    """A script that answers every request with `raw`; without `keep_alive`, only the first, then closes."""
 
-    server = Server(one_answer_then_close)
+    async def script(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        while True:
+            try:
+                await read_request(reader)
+            except asyncio.IncompleteReadError:
+                return
+            writer.write(raw)
+            await writer.drain()
+            if not keep_alive:
+                return
+
+    return script
+
+
+async def test_a_kept_alive_connection_the_server_closed_is_retried_once() -> None:
+    server = Server(answering(b"HTTP/1.1 204 No Content\r\n\r\n", keep_alive=False))
     async with server as pool:
         for _ in range(2):
             async with await pool.request("POST", "/containers/x/start", []) as resp:
@@ -127,12 +139,7 @@ async def test_a_kept_alive_connection_the_server_closed_is_retried_once() -> No
 
 
 async def test_an_answer_cut_short_is_a_payload_error() -> None:
-    async def short(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        await read_request(reader)
-        writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 100\r\n\r\nonly this")
-        await writer.drain()
-
-    async with Server(short) as pool:
+    async with Server(answering(b"HTTP/1.1 200 OK\r\nContent-Length: 100\r\n\r\nonly this", False)) as pool:
         async with await pool.request("GET", "/x", []) as resp:
             with pytest.raises(ClientPayloadError):
                 await resp.read()
@@ -153,16 +160,7 @@ async def test_request_bodies_stream_up_chunked_or_with_their_length() -> None:
 
 
 async def test_head_answers_have_no_body_and_keep_the_connection() -> None:
-    async def head(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        while True:
-            try:
-                await read_request(reader)
-            except asyncio.IncompleteReadError:
-                return
-            writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 42\r\n\r\n")
-            await writer.drain()
-
-    server = Server(head)
+    server = Server(answering(b"HTTP/1.1 200 OK\r\nContent-Length: 42\r\n\r\n", keep_alive=True))
     async with server as pool:
         for _ in range(2):
             async with await pool.request("HEAD", "/_ping", []) as resp:
