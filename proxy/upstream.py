@@ -93,7 +93,6 @@ class EngineUpstream(Upstream):
         self.endpoint = endpoint
         self.ssl_context: ssl.SSLContext | None = None
         if endpoint.is_unix:
-            assert endpoint.socket_path is not None
             host = "docker"
             connect = unix_socket(endpoint.socket_path)
         else:
