@@ -65,9 +65,12 @@ def _load_pem_pair(ctx: ssl.SSLContext, cert_pem: bytes, key_pem: bytes) -> None
 
 
 def server_context(config: Config, ips: Iterable[str]) -> ssl.SSLContext:
-    """The API's server-side context: TLS 1.2 or newer."""
+    """The API's server-side context: TLS 1.2 or newer, cipher suite in the client's order of preference."""
     ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
     ctx.minimum_version = ssl.TLSVersion.TLSv1_2
+    # Go clients (Portainer, the CLI) list AES-128-GCM first on AES hardware, as the Go agent then picks;
+    # OpenSSL's own order would pick AES-256-GCM: ~13 % more CPU on a long stream (README, Benchmarks).
+    ctx.options &= ~ssl.OP_CIPHER_SERVER_PREFERENCE
     if config.mtls_cert and not config.edge:
         ctx.load_cert_chain(config.mtls_cert, config.mtls_key)
         if config.mtls_ca:

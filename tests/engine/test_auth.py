@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import ssl
 import subprocess
 import sys
 from pathlib import Path
@@ -39,6 +40,22 @@ async def test_ping_is_public_and_carries_agent_headers(agent: AgentProcess) -> 
     status, headers, body = await _get(agent, "/ping")
     assert (status, body) == (204, None)
     _has_agent_headers(headers)
+
+
+@pytest.mark.parametrize("order", [("ECDHE-ECDSA-AES128-GCM-SHA256", "ECDHE-ECDSA-AES256-GCM-SHA384"),
+                                   ("ECDHE-ECDSA-AES256-GCM-SHA384", "ECDHE-ECDSA-AES128-GCM-SHA256")])
+async def test_tls_takes_the_clients_cipher_order(agent: AgentProcess, order: tuple[str, str]) -> None:
+    """Go clients put AES-128-GCM first on AES hardware and the Go agent takes it; so does this one (the
+    server-preference option is off, the same for TLS 1.3; 1.2 is used here because Python's client can only
+    order 1.2 suites)."""
+    ctx = insecure_context()
+    ctx.maximum_version = ssl.TLSVersion.TLSv1_2
+    ctx.set_ciphers(":".join(order))
+    _, writer = await asyncio.open_connection("127.0.0.1", agent.port, ssl=ctx)
+    try:
+        assert writer.get_extra_info("cipher")[0] == order[0]
+    finally:
+        writer.close()
 
 
 async def test_unsigned_forged_garbage_and_second_key_get_403(fresh_agent: AgentProcess) -> None:
