@@ -9,12 +9,17 @@ largest any worker sees).
 from __future__ import annotations
 
 import os
+from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 from prometheus_client.multiprocess import MultiProcessCollector
 
 CONTENT_TYPE = CONTENT_TYPE_LATEST
+
+METHODS = frozenset(("GET", "HEAD", "POST", "PUT", "DELETE", "PATCH", "OPTIONS", "CONNECT", "TRACE"))
+"""Methods counted by name; any other token a caller sends is counted as "other", so that no caller, signed
+or not, can grow the set of series (and the multiprocess files) without bound."""
 
 _LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 120.0)
 
@@ -69,6 +74,29 @@ class Metrics:
             "keelson_cluster_members", "Alive members seen by this agent", registry=self.registry,
             multiprocess_mode="livemax",
         )
+
+        self._request_children: dict[tuple[str, str, int], Any] = {}
+        self._latency_children: dict[str, Any] = {}
+        self._streamed = {d: self.bytes_streamed.labels(d) for d in ("download", "upload")}
+
+    def request_done(self, route: str, method: str, status: int) -> None:
+        """Count one finished request (the labelled child is looked up once per label set, not per request)."""
+        key = (route, method if method in METHODS else "other", status)
+        child = self._request_children.get(key)
+        if child is None:
+            child = self._request_children[key] = self.requests.labels(route, key[1], str(status))
+        child.inc()
+
+    def observe_latency(self, route: str, seconds: float) -> None:
+        """Record one time to the response headers."""
+        child = self._latency_children.get(route)
+        if child is None:
+            child = self._latency_children[route] = self.latency.labels(route)
+        child.observe(seconds)
+
+    def streamed(self, direction: str) -> Any:
+        """The byte counter of one direction ("download" or "upload")."""
+        return self._streamed[direction]
 
     def render(self) -> bytes:
         folder = os.environ.get("PROMETHEUS_MULTIPROC_DIR")

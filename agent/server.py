@@ -1,4 +1,5 @@
-"""The agent's web application: middlewares (target, metrics, signature) and one dispatch table.
+"""The agent's web application: one front middleware (guard, metrics, target), the signature check and one
+dispatch table.
 
 Routing is decided by proxy.routing (pure) on the target parsed once by proxy.target; this module only
 wires each decision to its executor.
@@ -37,7 +38,7 @@ _T0 = "keelson_t0"
 _LABEL = "keelson_label"
 GUARD = "keelson_guard"
 TARGET = "keelson_target"
-"""The request's parsed target (proxy.target.Target), set by target_middleware."""
+"""The request's parsed target (proxy.target.Target), set by front_middleware."""
 
 
 def request_target(request: web.Request) -> Target:
@@ -58,34 +59,37 @@ async def _on_prepare(request: web.Request, response: web.StreamResponse) -> Non
     t0 = request.get(_T0)
     if t0 is not None and not request.get("keelson_timed"):
         request["keelson_timed"] = True
-        request.app[STATE].metrics.latency.labels(request.get(_LABEL, "unknown")).observe(
-            time.perf_counter() - t0
-        )
+        request.app[STATE].metrics.observe_latency(request.get(_LABEL, "unknown"), time.perf_counter() - t0)
 
 
 @web.middleware
-async def guard_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
-    """Tell the connection guard that this request's head is complete, and when the request is over."""
-    guard = request.app[STATE].guard.guard_of(request.transport)
-    if guard is None:
-        return await handler(request)
-    guard.request_started()
-    request[GUARD] = guard
-    try:
-        return await handler(request)
-    finally:
-        guard.request_finished()
-
-
-@web.middleware
-async def metrics_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
-    """Every request is measured: count by route kind/method/status, time to headers, in-flight."""
-    metrics = request.app[STATE].metrics
+async def front_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
+    """What every request goes through first, in one layer: the connection guard learns that the request's
+    head is complete (and when the request is over), the request is measured (count by route kind, method
+    and status; time to headers; in flight), and its target is parsed once, so that everything after sees
+    the normalised path (docs/protocol.md)."""
+    state = request.app[STATE]
+    guard = state.guard.guard_of(request.transport)
+    if guard is not None:
+        guard.request_started()
+        request[GUARD] = guard
+    metrics = state.metrics
     request[_T0] = time.perf_counter()
     metrics.in_flight.inc()
     status = 500
     try:
-        response = await handler(request)
+        try:
+            target = parse_target(request.raw_path)
+        except BadTarget as exc:
+            request[_LABEL] = "error"
+            response: web.StreamResponse = json_error(400, str(exc), Code.BAD_REQUEST,
+                                                      target=request.raw_path[:200])
+        else:
+            request[TARGET] = target
+            route = classify(request.method, target.route_path)
+            request["api_route"] = route
+            request[_LABEL] = route.api.value
+            response = await handler(request)
         status = response.status
         return response
     except web.HTTPException as exc:
@@ -93,39 +97,24 @@ async def metrics_middleware(request: web.Request, handler: Handler) -> web.Stre
         raise
     finally:
         metrics.in_flight.dec()
-        metrics.requests.labels(request.get(_LABEL, "unknown"), request.method, str(status)).inc()
+        metrics.request_done(request.get(_LABEL, "unknown"), request.method, status)
+        if guard is not None:
+            guard.request_finished()
 
 
-@web.middleware
-async def target_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
-    """Parse the request target once; everything after sees the normalised path (docs/protocol.md)."""
-    try:
-        target = parse_target(request.raw_path)
-    except BadTarget as exc:
-        request[_LABEL] = "error"
-        return json_error(400, str(exc), Code.BAD_REQUEST, target=request.raw_path[:200])
-    request[TARGET] = target
-    route = classify(request.method, target.route_path)
-    request["api_route"] = route
-    request[_LABEL] = route.api.value
-    return await handler(request)
-
-
-@web.middleware
-async def signature_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
-    """Every route but /ping and /key carries a verified signature (docs/protocol.md, "Signature")."""
-    route: ApiRoute = request["api_route"]
-    state = request.app[STATE]
+def refuse_unsigned(request: web.Request, route: ApiRoute, state: AgentState) -> web.Response | None:
+    """Every route but /ping and /key carries a verified signature (docs/protocol.md, "Signature"): the
+    403 answer when this one does not, else None. Checked after any Edge middleware."""
     if not route.needs_signature:
-        return await handler(request)
+        return None
     if route.api is Api.HOST_INFO and _other_target(request, state):
-        return await handler(request)  # the node that serves it checks the signature
+        return None  # the node that serves it checks the signature
     verdict = state.verifier.check(request.headers.get(HEADER_PUBLIC_KEY), request.headers.get(HEADER_SIGNATURE))
     if verdict is Verdict.OK:
         guard = request.get(GUARD)
         if guard is not None:
             guard.proven()
-        return await handler(request)
+        return None
     state.metrics.signature_failures.labels(verdict.value).inc()
     if verdict is Verdict.MISSING:
         return json_error(403, MSG_MISSING, Code.AUTH_MISSING_SIGNATURE, details="Unauthorized",
@@ -272,12 +261,17 @@ ANY_NODE: dict[Api, Handler] = {
 
 
 async def dispatch(request: web.Request) -> web.StreamResponse:
-    """The single entry: the route chosen by target_middleware picks the handler."""
-    api = request["api_route"].api
+    """The single entry: the signature is checked, then the route chosen by front_middleware picks the
+    handler."""
+    route: ApiRoute = request["api_route"]
+    state = request.app[STATE]
+    refused = refuse_unsigned(request, route, state)
+    if refused is not None:
+        return refused
+    api = route.api
     handler = ANY_NODE.get(api)
     if handler is not None:
         return await handler(request)
-    state = request.app[STATE]
     node = _other_target(request, state)
     if node:
         return await _to_peer(request, state, node)
@@ -285,10 +279,10 @@ async def dispatch(request: web.Request) -> web.StreamResponse:
 
 
 def build_app(state: AgentState, extra_middlewares: list[Any] | None = None) -> web.Application:
-    """The application; Edge mode adds its own middleware (key gate, activity tracking) after metrics."""
+    """The application; Edge mode adds its own middleware (key gate, activity tracking) after the front one,
+    before the signature check."""
     app = web.Application(
-        middlewares=[guard_middleware, metrics_middleware, target_middleware, *(extra_middlewares or []),
-                     signature_middleware],
+        middlewares=[front_middleware, *(extra_middlewares or [])],
         client_max_size=0,  # bodies are streamed, never read whole by aiohttp
         # auto_decompress off: a body sent with Content-Encoding goes upstream byte for byte, as sent
         handler_args={"max_field_size": 65536, "max_line_size": 65536, "auto_decompress": False},

@@ -28,11 +28,12 @@ class AgentState:
     peers: PeerPool
     membership: Membership = field(default_factory=StaticMembership)
     guard: ConnectionGuard = field(default_factory=ConnectionGuard)
+    """Limits on client connections before any signature (agent/connguard.py)."""
     engine_managers: frozenset[str] | None = None
     """Node IDs of the Swarm's managers as this node's engine knows them (`Swarm.RemoteManagers`)."""
     health: PeerHealth | None = None
     """Peers that failed recently: fan-outs and manager operations skip them until a probe answers."""
-    """Limits on client connections before any signature (agent/connguard.py)."""
+    _self: tuple[EngineInfo, str, Member] | None = field(default=None, init=False, repr=False)
 
     @property
     def clustered(self) -> bool:
@@ -41,7 +42,11 @@ class AgentState:
 
     @property
     def self_member(self) -> Member:
-        return Member(
+        """This node as a member; built again only when the engine's info (role, leader) was replaced."""
+        cached = self._self
+        if cached is not None and cached[0] is self.info and cached[1] == self.advertise_addr:
+            return cached[2]
+        member = Member(
             node_name=self.info.node_name,
             ip=self.advertise_addr,
             agent_port=self.config.agent_port,
@@ -49,6 +54,8 @@ class AgentState:
             is_leader=self.info.leader,
             engine_status=self.info.engine_status,
         )
+        self._self = (self.info, self.advertise_addr, member)
+        return member
 
     def members(self) -> list[Member]:
         return self.membership.members()

@@ -36,6 +36,9 @@ GATHER_WAIT = 0.002  # ... for at most this long
 HIGH_WATER = 2**18
 
 
+_NO_TOKENS: frozenset[str] = frozenset()
+
+
 class UpstreamUnreachable(Exception):
     """No connection to the upstream could be made: nothing of the request was sent, so another upstream
     may be tried (a manager operation falls through to the next manager)."""
@@ -44,7 +47,8 @@ class UpstreamUnreachable(Exception):
 def outgoing_headers(request: web.Request, extra: Mapping[str, str] | None = None) -> CIMultiDict[str]:
     """The caller's headers minus hop-by-hop ones, plus X-Forwarded-For and what the route adds."""
     headers: CIMultiDict[str] = CIMultiDict()
-    connection_tokens = {t.strip().lower() for t in request.headers.get("Connection", "").split(",")}
+    connection = request.headers.get("Connection")
+    connection_tokens = {t.strip().lower() for t in connection.split(",")} if connection else _NO_TOKENS
     for name, value in request.headers.items():
         lowered = name.lower()
         if lowered in HOP_BY_HOP or lowered in connection_tokens:
@@ -61,7 +65,8 @@ def outgoing_headers(request: web.Request, extra: Mapping[str, str] | None = Non
 
 def response_headers(upstream_headers: Mapping[str, str]) -> CIMultiDict[str]:
     out: CIMultiDict[str] = CIMultiDict()
-    connection_tokens = {t.strip().lower() for t in upstream_headers.get("Connection", "").split(",")}
+    connection = upstream_headers.get("Connection")
+    connection_tokens = {t.strip().lower() for t in connection.split(",")} if connection else _NO_TOKENS
     for name, value in upstream_headers.items():
         lowered = name.lower()
         if lowered in HOP_BY_HOP or lowered in connection_tokens or lowered == "content-length":
@@ -97,9 +102,13 @@ async def forward_http(
     if request.body_exists:
         body = _counting(request.content, metrics, "upload")
         chunked = "Content-Length" not in headers
+    sending = upstream.send(request.method, path_qs, headers, body, chunked)
     try:
-        async with asyncio.timeout(head_timeout):
-            upstream_resp = await upstream.send(request.method, path_qs, headers, body, chunked)
+        if head_timeout is None:
+            upstream_resp = await sending
+        else:
+            async with asyncio.timeout(head_timeout):
+                upstream_resp = await sending
     except TimeoutError as exc:  # only with head_timeout: a kept-alive connection to a node now cut off
         if fall_through:
             raise UpstreamUnreachable(f"no answer within {head_timeout:g}s") from exc
@@ -147,11 +156,16 @@ async def _pipe_body(content: aiohttp.StreamReader, response: web.StreamResponse
     piece smaller than GATHER_BELOW waits at most GATHER_WAIT for more (up to CHUNK), so that a burst of small
     pieces (`docker logs` sends one HTTP chunk per line) goes out as one write (one TLS record, one send)
     instead of one per line."""
-    counter = metrics.bytes_streamed.labels("download")
+    counter = metrics.streamed("download")
     while True:
-        chunk, first = first or await content.readany(), b""
-        if not chunk:
+        if first:
+            chunk, first = first, b""
+        elif content.at_eof():  # the whole body came with the head (a small answer): no further read
             return
+        else:
+            chunk = await content.readany()
+            if not chunk:
+                return
         if gather and len(chunk) < GATHER_BELOW:
             parts = [chunk]
             size = len(chunk)
@@ -169,7 +183,7 @@ async def _pipe_body(content: aiohttp.StreamReader, response: web.StreamResponse
 
 
 async def _counting(stream: aiohttp.StreamReader, metrics: Metrics, direction: str) -> Any:
-    counter = metrics.bytes_streamed.labels(direction)
+    counter = metrics.streamed(direction)
     async for chunk in stream.iter_any():
         counter.inc(len(chunk))
         yield chunk
@@ -303,7 +317,7 @@ class _ClientSide(asyncio.Protocol):
         self.transport = transport
         self.upstream = upstream
         self.original = original
-        self.counter = metrics.bytes_streamed.labels("upload")
+        self.counter = metrics.streamed("upload")
         self.can_write = asyncio.Event()
         self.can_write.set()
         self.lost = asyncio.Event()
@@ -395,7 +409,7 @@ async def relay_hijack(
         client.data_received(tail)
     transport.resume_reading()  # aiohttp paused reading while its handler ran; the raw stream needs it on
     metrics.hijacked.inc()
-    counter = metrics.bytes_streamed.labels("download")
+    counter = metrics.streamed("download")
     try:
         while not client.lost.is_set():
             data = await hs.reader.read(CHUNK)
