@@ -94,13 +94,17 @@ backend docker
 
 
 
-def hey(url: str, headers: dict[str, str], concurrency: int, requests: int, timeout: float = 120.0) -> dict[str, Any]:
+def hey(url: str, headers: dict[str, str], concurrency: int, requests: int, timeout: float = 120.0,
+        rate: float | None = None) -> dict[str, Any]:
     """Debian's hey against a TCP URL (TLS unverified): requests/s, p50, p99. Bounded by `requests` and by
-    `timeout` seconds (the child is killed past it)."""
+    `timeout` seconds (the child is killed past it). With `rate`, the connections together send at most that
+    many requests per second (hey's per-connection -q)."""
     binary = shutil.which("hey")
     if binary is None:
         return {"skipped": "hey is missing (./dev.sh bench installs it)"}
     cmd = [binary, "-n", str(requests), "-c", str(concurrency), "-t", "30"]
+    if rate is not None:
+        cmd += ["-q", f"{rate / concurrency:g}"]
     for name, value in headers.items():
         cmd += ["-H", f"{name}: {value}"]
     cmd.append(url)

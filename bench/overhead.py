@@ -6,6 +6,7 @@ are also driven by Debian's hey (Go), whose client costs less CPU on this 2-core
 
 from __future__ import annotations
 
+import statistics
 from typing import Any
 
 from bench import loadgen
@@ -99,4 +100,50 @@ def run(targets: dict[str, str], headers: dict[str, str], sizes: Sizes, rounds: 
         out["hey"] = hey_table
         out["hey_ratios"] = hey_ratios
         out["cpu_ratios"] = cpu_ratios
+        if pids:
+            out["fixed_rate"] = fixed_rate_cpu(targets, headers, sizes, pids, rounds)
     return out
+
+
+FIXED_RATES = {"/_ping": 1600.0, "/version": 100.0, "/containers/json?all=1": 100.0}
+"""Requests per second for the fixed-rate runs: below what every TLS target sustains on 2 shared cores."""
+
+
+def fixed_rate_cpu(targets: dict[str, str], headers: dict[str, str], sizes: Sizes, pids: dict[str, int],
+                   rounds: int) -> dict[str, Any]:
+    """CPU per request of each TLS target's process tree with hey sending at a fixed rate, interleaved, the
+    median of `rounds`. At full load (concurrency 64) a server that gets less of the shared CPU handles more
+    requests per loop iteration and so spends less per request: a slower server can look cheaper. At the same
+    rate, below saturation, every server does the same work per second, and the figure compares code."""
+    table: dict[str, dict[str, Any]] = {}
+    ratios: dict[str, float] = {}
+    for path, rate in FIXED_RATES.items():
+        runs: dict[str, list[float]] = {}
+        held: dict[str, list[float]] = {}
+        count = max(64, int(rate * sizes.seconds))
+        for rnd in range(rounds):
+            names = [n for n, base in targets.items() if base.startswith("https://") and pids.get(n)]
+            for name in names if rnd % 2 == 0 else names[::-1]:
+                pid = pids[name]
+                cpu0 = tree_cpu_seconds(pid)
+                res = hey(targets[name] + path, headers, 32, count, timeout=sizes.seconds * 6 + 60, rate=rate)
+                answered = sum(res.get("statuses", {}).values())
+                if not answered:
+                    continue
+                runs.setdefault(name, []).append((tree_cpu_seconds(pid) - cpu0) / answered * 1e6)
+                held.setdefault(name, []).append(res.get("rps", 0.0))
+        row: dict[str, dict[str, Any]] = {name: {"cpu_us_per_request": round(statistics.median(v), 1),
+                      "rounds_cpu_us": [round(x, 1) for x in v], "rps": round(statistics.median(held[name]))}
+               for name, v in runs.items()}
+        for name, cell in row.items():
+            log(f"overhead fixed rate {path:<22} {rate:.0f}/s {name:<13}: {cell['cpu_us_per_request']} us/request "
+                f"(rounds {cell['rounds_cpu_us']}), {cell['rps']} req/s held")
+        key = f"{path} at {rate:.0f}/s"
+        table[key] = row
+        if "agent" in row and "haproxy" in row:
+            ratios[f"{key} agent/haproxy"] = ratio(row["agent"]["cpu_us_per_request"],
+                                                   row["haproxy"]["cpu_us_per_request"])
+        if "agent" in row and "agent_before" in row:
+            ratios[f"{key} after/before"] = ratio(row["agent"]["cpu_us_per_request"],
+                                                  row["agent_before"]["cpu_us_per_request"])
+    return {"table": table, "ratios": ratios, "connections": 32, "rounds": rounds}

@@ -83,6 +83,16 @@ def markdown(results: dict[str, Any]) -> str:
                                           if v.get("cpu_us_per_request"))
                     + f" (agent/haproxy {ov['cpu_ratios'].get(k)})"
                     for k, row in ov["hey"].items()))
+        fixed = ov.get("fixed_rate")
+        if isinstance(fixed, dict) and fixed.get("table"):
+            lines.append("")
+            lines.append(f"CPU per request at a fixed rate (hey, {fixed.get('connections')} connections, median of "
+                         f"{fixed.get('rounds')} interleaved rounds, process tree, µs): " + "; ".join(
+                             f"`{k}` " + ", ".join(f"{n} {v['cpu_us_per_request']}" for n, v in row.items())
+                             + "".join(f" ({what} {fixed['ratios'][f'{k} {what}']})"
+                                       for what in ("agent/haproxy", "after/before")
+                                       if f"{k} {what}" in fixed["ratios"])
+                             for k, row in fixed["table"].items()))
         lines.append("")
     st = results.get("streaming")
     if isinstance(st, dict) and "save" in st:
