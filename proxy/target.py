@@ -72,6 +72,13 @@ def _is_dot(segment: str, dots: str) -> bool:
 
 def normalise(path: str) -> str:
     """Resolve dot-segments (never above the root) and collapse repeated slashes; keeps a trailing slash."""
+    if path.startswith("/") and "//" not in path and "/." not in path and "%" not in path:
+        return path  # no empty segment and no dot-segment, encoded or not: nothing to resolve (most requests)
+    return resolve_segments(path)
+
+
+def resolve_segments(path: str) -> str:
+    """normalise() without its shortcut, segment by segment."""
     out: list[str] = []
     segments = path.split("/")[1:]
     trailing = False
@@ -105,7 +112,7 @@ def parse_target(raw: str) -> Target:
     if "#" in raw:
         raise BadTarget("the request target must not carry a fragment")
     path, sep, query = raw.partition("?")
-    if any(c in path for c in ("\x00", "\\")) or "%00" in path:
+    if "\x00" in path or "\\" in path or "%00" in path:
         raise BadTarget("the request path holds a NUL byte or a backslash")
     path = normalise(path)
     version: str | None = None

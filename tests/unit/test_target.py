@@ -12,7 +12,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from proxy.routing import Api, classify
-from proxy.target import ApiRange, BadTarget, engine_version, normalise, parse_target
+from proxy.target import ApiRange, BadTarget, engine_version, normalise, parse_target, resolve_segments
 
 
 @pytest.mark.parametrize(("raw", "path", "version", "query"), [
@@ -117,6 +117,11 @@ def test_normalised_paths_have_no_dot_segments_or_empty_segments(path: str) -> N
     inner = result[1:].rstrip("/").split("/") if result != "/" else []
     for segment in inner:
         assert segment != "" and unquote(segment) not in (".", "..")
+
+
+@given(st.one_of(PATHS, st.text(max_size=40)))
+def test_the_shortcut_agrees_with_resolving_every_segment(path: str) -> None:
+    assert normalise(path) == resolve_segments(path)
 
 
 @given(PATHS)
