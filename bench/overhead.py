@@ -117,12 +117,12 @@ def fixed_rate_cpu(targets: dict[str, str], headers: dict[str, str], sizes: Size
     rate, below saturation, every server does the same work per second, and the figure compares code."""
     table: dict[str, dict[str, Any]] = {}
     ratios: dict[str, float] = {}
+    names = [n for n, base in targets.items() if base.startswith("https://") and pids.get(n)]
     for path, rate in FIXED_RATES.items():
         runs: dict[str, list[float]] = {}
         held: dict[str, list[float]] = {}
         count = max(64, int(rate * sizes.seconds))
         for rnd in range(rounds):
-            names = [n for n, base in targets.items() if base.startswith("https://") and pids.get(n)]
             for name in names if rnd % 2 == 0 else names[::-1]:
                 pid = pids[name]
                 cpu0 = tree_cpu_seconds(pid)
@@ -132,9 +132,11 @@ def fixed_rate_cpu(targets: dict[str, str], headers: dict[str, str], sizes: Size
                     continue
                 runs.setdefault(name, []).append((tree_cpu_seconds(pid) - cpu0) / answered * 1e6)
                 held.setdefault(name, []).append(res.get("rps", 0.0))
-        row: dict[str, dict[str, Any]] = {name: {"cpu_us_per_request": round(statistics.median(v), 1),
-                      "rounds_cpu_us": [round(x, 1) for x in v], "rps": round(statistics.median(held[name]))}
-               for name, v in runs.items()}
+        row: dict[str, dict[str, Any]] = {
+            name: {"cpu_us_per_request": round(statistics.median(v), 1), "rounds_cpu_us": [round(x, 1) for x in v],
+                   "rps": round(statistics.median(held[name]))}
+            for name, v in runs.items()
+        }
         for name, cell in row.items():
             log(f"overhead fixed rate {path:<22} {rate:.0f}/s {name:<13}: {cell['cpu_us_per_request']} us/request "
                 f"(rounds {cell['rounds_cpu_us']}), {cell['rps']} req/s held")
