@@ -33,20 +33,20 @@ class AgentState:
     """Node IDs of the Swarm's managers as this node's engine knows them (`Swarm.RemoteManagers`)."""
     health: PeerHealth | None = None
     """Peers that failed recently: fan-outs and manager operations skip them until a probe answers."""
-    _self: tuple[EngineInfo, str, Member] | None = field(default=None, init=False, repr=False)
+    self_member: Member = field(init=False)
+    """This node as a member; built again whenever the engine's info changes (swarm_changed), the only place
+    `info` is replaced."""
+
+    def __post_init__(self) -> None:
+        self.self_member = self._member()
 
     @property
     def clustered(self) -> bool:
         """Routing across nodes only happens when the engine is part of a Swarm."""
         return self.info.swarm
 
-    @property
-    def self_member(self) -> Member:
-        """This node as a member; built again only when the engine's info (role, leader) was replaced."""
-        cached = self._self
-        if cached is not None and cached[0] is self.info and cached[1] == self.advertise_addr:
-            return cached[2]
-        member = Member(
+    def _member(self) -> Member:
+        return Member(
             node_name=self.info.node_name,
             ip=self.advertise_addr,
             agent_port=self.config.agent_port,
@@ -54,8 +54,6 @@ class AgentState:
             is_leader=self.info.leader,
             engine_status=self.info.engine_status,
         )
-        self._self = (self.info, self.advertise_addr, member)
-        return member
 
     def members(self) -> list[Member]:
         return self.membership.members()
@@ -63,6 +61,7 @@ class AgentState:
     def swarm_changed(self, info: EngineInfo, managers: frozenset[str]) -> None:
         """The engine's current role, leader flag and manager set (agent/swarmwatch.py)."""
         self.info = info
+        self.self_member = self._member()
         self.engine_managers = managers or None
 
     async def close(self) -> None:

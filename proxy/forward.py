@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 from collections.abc import AsyncIterable, Mapping
+from collections.abc import Set as AbstractSet
 from typing import Any
 
 import aiohttp
@@ -39,6 +40,12 @@ HIGH_WATER = 2**18
 _NO_TOKENS: frozenset[str] = frozenset()
 
 
+def _connection_tokens(headers: Mapping[str, str]) -> AbstractSet[str]:
+    """The header names a `Connection` header lists (hop-by-hop for this message, RFC 9110 7.6.1)."""
+    connection = headers.get("Connection")
+    return {t.strip().lower() for t in connection.split(",")} if connection else _NO_TOKENS
+
+
 class UpstreamUnreachable(Exception):
     """No connection to the upstream could be made: nothing of the request was sent, so another upstream
     may be tried (a manager operation falls through to the next manager)."""
@@ -47,8 +54,7 @@ class UpstreamUnreachable(Exception):
 def outgoing_headers(request: web.Request, extra: Mapping[str, str] | None = None) -> CIMultiDict[str]:
     """The caller's headers minus hop-by-hop ones, plus X-Forwarded-For and what the route adds."""
     headers: CIMultiDict[str] = CIMultiDict()
-    connection = request.headers.get("Connection")
-    connection_tokens = {t.strip().lower() for t in connection.split(",")} if connection else _NO_TOKENS
+    connection_tokens = _connection_tokens(request.headers)
     for name, value in request.headers.items():
         lowered = name.lower()
         if lowered in HOP_BY_HOP or lowered in connection_tokens:
@@ -65,8 +71,7 @@ def outgoing_headers(request: web.Request, extra: Mapping[str, str] | None = Non
 
 def response_headers(upstream_headers: Mapping[str, str]) -> CIMultiDict[str]:
     out: CIMultiDict[str] = CIMultiDict()
-    connection = upstream_headers.get("Connection")
-    connection_tokens = {t.strip().lower() for t in connection.split(",")} if connection else _NO_TOKENS
+    connection_tokens = _connection_tokens(upstream_headers)
     for name, value in upstream_headers.items():
         lowered = name.lower()
         if lowered in HOP_BY_HOP or lowered in connection_tokens or lowered == "content-length":
