@@ -18,7 +18,7 @@ from multidict import CIMultiDict
 
 from agent.tls import self_signed_pem
 from tools.agentproc import AgentProcess, insecure_context
-from tools.dockerd import PrivateDockerd
+from tools.dockerd import PrivateDockerd, new_run_id
 
 AGENT_HEADERS = ("Portainer-Agent", "Portainer-Agent-API-Version", "Portainer-Agent-Platform")
 
@@ -126,14 +126,17 @@ def test_absolute_form_targets_are_refused(agent: AgentProcess) -> None:
 
 
 async def test_engine_range_is_read_again_after_an_engine_restart(tmp_path: Path) -> None:
-    engine = PrivateDockerd(root=Path(f"/tmp/kls-vr-{tmp_path.name[-6:]}"))
+    run_id = new_run_id()
+    # Its own network namespace, so that this engine makes no bridge or firewall rule on the host.
+    engine = PrivateDockerd(root=Path(f"/tmp/kls-vr-{run_id}"), netns=f"kls-vr-{run_id}")
     engine.start()
     proc = AgentProcess(engine.host, tmp_path / "agent", env={"KEELSON_WORKERS": "1"})  # one reader to count
     try:
         proc.start()
         assert len(re.findall("engine API versions", proc.log())) == 1
         engine.stop()
-        engine = PrivateDockerd(root=engine.root)  # a new engine on the same socket: a restart or an upgrade
+        # a new engine on the same socket: a restart or an upgrade
+        engine = PrivateDockerd(root=engine.root, netns=engine.netns)
         engine.start()
         poll_until(lambda: len(re.findall("engine API versions", proc.log())) >= 2, 30)
         assert len(re.findall("engine API versions", proc.log())) >= 2, proc.log()
