@@ -105,6 +105,8 @@ class GuardedProtocol(asyncio.BufferedProtocol):
         self.head_bytes = 0
         self.in_request = False
         self._timer: asyncio.TimerHandle | None = None
+        self._head_since: float | None = None
+        """When the unfinished head (or the connection, before its first) began; None between requests."""
         self._gone = False
         self._buffered = isinstance(inner, asyncio.BufferedProtocol)
         self._own_buffer = bytearray(0 if self._buffered else 2**16)
@@ -114,6 +116,7 @@ class GuardedProtocol(asyncio.BufferedProtocol):
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport
         self.guard._opened(self)
+        self._head_since = self._loop().time()  # a new connection owes its first head from now
         self._arm()
         self.inner.connection_made(transport)
 
@@ -126,8 +129,10 @@ class GuardedProtocol(asyncio.BufferedProtocol):
         if self._gone:
             return
         if not self.in_request:
-            if self._timer is None:
-                self._arm()
+            if self._head_since is None:
+                self._head_since = self._loop().time()
+                if self._timer is None:
+                    self._arm()
             self.head_bytes += nbytes
             if self.head_bytes > self.guard.max_head:
                 self.abort("head_too_large", TOO_LARGE)
@@ -159,7 +164,7 @@ class GuardedProtocol(asyncio.BufferedProtocol):
     def request_started(self) -> None:
         """The head of a request was parsed: its bytes no longer count, the body is the handler's business."""
         self.in_request = True
-        self._disarm()
+        self._head_since = None  # the timer stays: it finds no head pending when it fires (see _expired)
         self.guard._head_done(self)
 
     def request_finished(self) -> None:
@@ -189,10 +194,25 @@ class GuardedProtocol(asyncio.BufferedProtocol):
             else:
                 transport.abort()
 
+    @staticmethod
+    def _loop() -> asyncio.AbstractEventLoop:
+        return asyncio.get_running_loop()
+
     def _arm(self) -> None:
+        """One timer per connection, re-armed lazily: a kept-alive connection's heads cost no timer each."""
         self._disarm()
-        loop = asyncio.get_running_loop()
-        self._timer = loop.call_later(self.guard.head_timeout, self.abort, "head_timeout")
+        since = self._head_since if self._head_since is not None else self._loop().time()
+        self._timer = self._loop().call_at(since + self.guard.head_timeout, self._expired)
+
+    def _expired(self) -> None:
+        self._timer = None
+        since = self._head_since
+        if since is None:
+            return  # no head pending: the next one's first bytes arm the timer again
+        if self._loop().time() >= since + self.guard.head_timeout:
+            self.abort("head_timeout")
+        else:
+            self._arm()
 
     def _disarm(self) -> None:
         if self._timer is not None:

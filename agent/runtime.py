@@ -23,6 +23,7 @@ from agent.config import Config
 from agent.connguard import ConnectionGuard
 from agent.engine import docker_client, find_advertise_addr, own_container, read_engine_info
 from agent.errors import Code, log_failure
+from agent.front import LeanFront
 from agent.metrics import Metrics
 from agent.server import build_app
 from agent.state import AgentState
@@ -130,7 +131,8 @@ def _connection_closed(metrics: Metrics, cause: str) -> None:
     log_failure(code, message)
 
 
-async def _security_shutdown(state: AgentState, server: asyncio.AbstractServer, runner: web.AppRunner) -> None:
+async def _security_shutdown(state: AgentState, server: asyncio.AbstractServer, runner: web.AppRunner,
+                             front: LeanFront | None) -> None:
     """Not paired and no secret after AGENT_SECRET_TIMEOUT: close the API, keep the process (as Go)."""
     try:
         await asyncio.wait_for(state.verifier.wait_paired(), state.config.secret_timeout)
@@ -139,7 +141,7 @@ async def _security_shutdown(state: AgentState, server: asyncio.AbstractServer, 
                     "the API server is shut down (restart the agent to pair again)",
                     timeout_seconds=state.config.secret_timeout)
         server.close()
-        await runner.shutdown()
+        await asyncio.gather(runner.shutdown(), *([front.shutdown(SHUTDOWN_GRACE)] if front is not None else []))
 
 
 async def run(config: Config, stop: asyncio.Event, slot: WorkerSlot | None = None) -> int:
@@ -191,11 +193,13 @@ async def run(config: Config, stop: asyncio.Event, slot: WorkerSlot | None = Non
     await runner.setup()
     loop = asyncio.get_running_loop()
     assert runner.server is not None
+    front: LeanFront | None = None
     try:
         if edge is None:
             ctx = server_context(config, [state.advertise_addr, "127.0.0.1"])
             host = config.agent_host
-            factory: Any = server_protocol_factory(loop, runner.server, ctx)
+            front = LeanFront(state, runner.server)
+            factory: Any = server_protocol_factory(loop, front, ctx)
         else:
             # Edge: plain HTTP on the advertise address; only the tunnel (or the local node) reaches it.
             host = state.advertise_addr if config.agent_host == "0.0.0.0" else config.agent_host
@@ -220,7 +224,7 @@ async def run(config: Config, stop: asyncio.Event, slot: WorkerSlot | None = Non
         await edge.start()
     guard = None
     if not config.secret and not config.edge:
-        guard = spawn(_security_shutdown(state, server, runner), "security-shutdown")
+        guard = spawn(_security_shutdown(state, server, runner, front), "security-shutdown")
     try:
         await stop.wait()
     finally:
@@ -237,7 +241,8 @@ async def run(config: Config, stop: asyncio.Event, slot: WorkerSlot | None = Non
                 await guard
         # Leaving the cluster, ending Edge and ending open requests do not depend on each other.
         await asyncio.gather(runner.cleanup(), state.membership.close(),
-                             *([edge.close()] if edge is not None else []))
+                             *([edge.close()] if edge is not None else []),
+                             *([front.shutdown(SHUTDOWN_GRACE)] if front is not None else []))
         await state.close()
         log.info("agent stopped in %.2fs", time.monotonic() - started)
     return 0

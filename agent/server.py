@@ -133,7 +133,12 @@ def _other_target(request: web.Request, state: AgentState) -> str:
 
 def local_path(request: web.Request, state: AgentState) -> str:
     """The path for this node's engine: the caller's API version, or the nearest one the engine supports."""
-    target = request_target(request)
+    return engine_path(request_target(request), state)
+
+
+def engine_path(target: Target, state: AgentState) -> str:
+    """`target` as this node's engine takes it: at the caller's API version, or the nearest one the engine
+    supports (counted when adapted)."""
     version, adapted = engine_version(target, state.engine.api_range)
     if adapted:
         requested = target.version_tuple

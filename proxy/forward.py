@@ -11,7 +11,7 @@ import asyncio
 import contextlib
 from collections.abc import AsyncIterable, Mapping
 from collections.abc import Set as AbstractSet
-from typing import Any
+from typing import Any, Protocol
 
 import aiohttp
 from aiohttp import web
@@ -32,7 +32,7 @@ HOP_BY_HOP = frozenset(
     )
 )
 CHUNK = 2**16
-GATHER_BELOW = 2**14  # a streamed piece smaller than one TLS record waits for more (see _pipe_body) ...
+GATHER_BELOW = 2**14  # a streamed piece smaller than one TLS record waits for more (see pipe_body) ...
 GATHER_WAIT = 0.002  # ... for at most this long
 HIGH_WATER = 2**18
 
@@ -53,16 +53,22 @@ class UpstreamUnreachable(Exception):
 
 def outgoing_headers(request: web.Request, extra: Mapping[str, str] | None = None) -> CIMultiDict[str]:
     """The caller's headers minus hop-by-hop ones, plus X-Forwarded-For and what the route adds."""
+    return forwarded_headers(request.headers, request.remote, extra)
+
+
+def forwarded_headers(caller: Mapping[str, str], peer: str | None,
+                      extra: Mapping[str, str] | None = None) -> CIMultiDict[str]:
+    """`caller`'s headers minus hop-by-hop ones, plus X-Forwarded-For (`peer`: the caller's address) and
+    what the route adds."""
     headers: CIMultiDict[str] = CIMultiDict()
-    connection_tokens = _connection_tokens(request.headers)
-    for name, value in request.headers.items():
+    connection_tokens = _connection_tokens(caller)
+    for name, value in caller.items():
         lowered = name.lower()
         if lowered in HOP_BY_HOP or lowered in connection_tokens:
             continue
         headers.add(name, value)
-    peer = request.remote
     if peer:
-        prior = request.headers.get("X-Forwarded-For")
+        prior = caller.get("X-Forwarded-For")
         headers["X-Forwarded-For"] = f"{prior}, {peer}" if prior else peer
     for name, value in (extra or {}).items():
         headers[name] = value
@@ -138,7 +144,7 @@ async def forward_http(
         try:
             await response.prepare(request)
             if request.method != "HEAD":
-                await _pipe_body(content, response, metrics, length is None, first)
+                await pipe_body(content, response, metrics, length is None, first)
             await response.write_eof()
         except (ConnectionResetError, aiohttp.ClientConnectionResetError):
             log_failure(Code.PROXY_CLIENT_GONE, "client went away during a stream", path=request.path)
@@ -155,8 +161,14 @@ class _CoalescedResponse(web.StreamResponse):
     _send_headers_immediately = False
 
 
-async def _pipe_body(content: aiohttp.StreamReader, response: web.StreamResponse, metrics: Metrics,
-                     gather: bool, first: bytes = b"") -> None:
+class Sink(Protocol):
+    """Where a relayed body goes: aiohttp's StreamResponse, or the lean front's connection."""
+
+    async def write(self, data: bytes) -> None: ...
+
+
+async def pipe_body(content: aiohttp.StreamReader, response: Sink, metrics: Metrics,
+                    gather: bool, first: bytes = b"") -> None:
     """Copy a response body as it arrives. With `gather` (a body of unknown length: logs, events, save), a
     piece smaller than GATHER_BELOW waits at most GATHER_WAIT for more (up to CHUNK), so that a burst of small
     pieces (`docker logs` sends one HTTP chunk per line) goes out as one write (one TLS record, one send)

@@ -11,6 +11,9 @@ fails here, by name, instead of somewhere deep in a stream.
   feeds the parser and lets the payload reader pause and resume its protocol
 - aiohttp's StreamResponse._send_headers_immediately: a relayed answer whose body is at hand sends its head
   with the body's first piece (proxy/forward.py _CoalescedResponse)
+- aiohttp's HttpRequestParser, fed one request head at a time by the lean front (agent/front.py), which
+  tells a request without body by its payload being EMPTY_PAYLOAD; and a RequestHandler taking over a
+  connection that is already open (connection_made, then data_received with the bytes not yet answered)
 """
 
 from __future__ import annotations
@@ -107,3 +110,38 @@ def test_aiohttp_stream_response_can_hold_its_head_for_the_body() -> None:
     assert web.Response._send_headers_immediately is False
     assert "if self._send_headers_immediately:" in inspect.getsource(web_response.StreamResponse._write_headers)
     assert _CoalescedResponse._send_headers_immediately is False
+
+
+async def test_aiohttp_request_parser_fed_one_head_at_a_time() -> None:
+    from aiohttp.http_parser import HttpRequestParser
+    from aiohttp.streams import EMPTY_PAYLOAD
+
+    from agent.front import MAX_LINE
+
+    class Holder:
+        pass
+
+    def new_parser() -> HttpRequestParser:
+        return HttpRequestParser(Holder(), asyncio.get_running_loop(), 2**16, max_line_size=MAX_LINE,
+                                 max_field_size=MAX_LINE, auto_decompress=False)
+
+    parser = new_parser()
+    messages, upgraded, tail = parser.feed_data(b"GET /v1.41/_ping?x=1 HTTP/1.1\r\nHost: a\r\nX-A: b\r\n\r\n")
+    assert len(messages) == 1 and not upgraded and not tail
+    message, payload = messages[0]
+    assert (message.method, message.path, message.version) == ("GET", "/v1.41/_ping?x=1", aiohttp.HttpVersion11)
+    assert message.headers["x-a"] == "b" and not message.should_close and payload is EMPTY_PAYLOAD
+    # the next head on the same parser (keep-alive); a head that announces a body; one that closes
+    messages, _, _ = parser.feed_data(b"GET /a HTTP/1.1\r\nHost: a\r\n\r\n")
+    assert messages[0][0].path == "/a" and messages[0][1] is EMPTY_PAYLOAD
+    messages, _, _ = new_parser().feed_data(b"GET /a HTTP/1.1\r\nHost: a\r\nConnection: close\r\n\r\n")
+    assert messages[0][0].should_close and messages[0][1] is EMPTY_PAYLOAD
+    messages, _, _ = parser.feed_data(b"GET /b HTTP/1.1\r\nHost: a\r\nContent-Length: 3\r\n\r\n")
+    assert messages[0][1] is not EMPTY_PAYLOAD
+
+
+def test_aiohttp_request_handler_takes_over_an_open_connection() -> None:
+    for name in ("connection_made", "data_received", "eof_received", "pause_writing"):
+        assert callable(getattr(web_protocol.RequestHandler, name)), name
+    # the server's factory call makes a handler for one connection (agent/front.py LeanFront.fallback)
+    assert "RequestHandler(" in inspect.getsource(aiohttp.web_server.Server.__call__)
