@@ -58,8 +58,6 @@ class LeanFront:
         self.state = state
         self.fallback = fallback
         self.connections: set[FrontProtocol] = set()
-        self.fast = 0
-        """Requests served here (the rest went to aiohttp)."""
 
     def __call__(self) -> FrontProtocol:
         return FrontProtocol(self)
@@ -140,6 +138,7 @@ class FrontProtocol(asyncio.Protocol):
     def connection_lost(self, exc: Exception | None) -> None:
         self.front.connections.discard(self)
         self.transport = None
+        self._parser = None  # it refers back to us: without this the connection's memory waits for the cyclic GC
         if self._idle_timer is not None:
             self._idle_timer.cancel()
         waiter, self._drain = self._drain, None
@@ -173,7 +172,6 @@ class FrontProtocol(asyncio.Protocol):
             self._hand_off()
             return
         del buffer[:size]
-        self.front.fast += 1
         self.task = self._loop.create_task(self._serve(message, target))
 
     def _servable(self, message: RawRequestMessage, payload: Any) -> Target | None:
@@ -206,6 +204,7 @@ class FrontProtocol(asyncio.Protocol):
             self._idle_timer.cancel()
         transport = self.transport
         handler = self.front.fallback()
+        self._parser = None
         data = bytes(self._buffer)
         self._buffer.clear()
         transport.set_protocol(handler)

@@ -111,3 +111,49 @@ def test_http10_and_head_are_served_by_the_application(agent: AgentProcess) -> N
         tls.sendall(head(agent, "GET /_ping HTTP/1.0"))
         assert stream.readline().startswith(b"HTTP/1.")
         assert b"OK" in stream.read()  # HTTP/1.0 without keep-alive: the answer, then the end
+
+
+async def test_a_closed_connection_is_freed_without_the_cyclic_collector() -> None:
+    """A connection's protocol (and with it the TLS buffers it holds on to) is freed as soon as the connection
+    ends: the request parser it owns refers back to it, a cycle that connection_lost breaks. Left to the
+    cyclic collector, a load of short connections held tens of MiB."""
+    import asyncio
+    import gc
+    import weakref
+    from types import SimpleNamespace
+    from typing import Any, cast
+
+    from agent.connguard import ConnectionGuard
+    from agent.front import FrontProtocol, LeanFront
+
+    made: list[weakref.ref[FrontProtocol]] = []
+    front = LeanFront(cast(Any, SimpleNamespace(guard=ConnectionGuard())), asyncio.Protocol)
+
+    def factory() -> FrontProtocol:
+        protocol = front()
+        made.append(weakref.ref(protocol))
+        return protocol
+
+    server = await asyncio.get_running_loop().create_server(factory, "127.0.0.1", 0)
+    gc.disable()
+    try:
+        port = server.sockets[0].getsockname()[1]
+        _reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        writer.write(b"GET /_pi")  # half a head: the protocol holds a buffer and its parser
+        await writer.drain()
+        for _ in range(1000):  # until the server has taken the connection (bounded: 10 s)
+            if front.connections:
+                break
+            await asyncio.sleep(0.01)
+        assert front.connections
+        writer.close()
+        for _ in range(1000):  # until connection_lost has run (bounded: 10 s)
+            if not front.connections:
+                break
+            await asyncio.sleep(0.01)
+        await asyncio.sleep(0)  # the transport lets go of its protocol after connection_lost
+        assert len(made) == 1 and not front.connections
+        assert made[0]() is None, gc.get_referrers(made[0]())
+    finally:
+        gc.enable()
+        server.close()
