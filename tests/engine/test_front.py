@@ -10,6 +10,7 @@ from contextlib import contextmanager
 from typing import BinaryIO
 
 from tools.agentproc import AgentProcess, insecure_context
+from tools.dockerd import PrivateDockerd
 
 
 @contextmanager
@@ -157,3 +158,36 @@ async def test_a_closed_connection_is_freed_without_the_cyclic_collector() -> No
     finally:
         gc.enable()
         server.close()
+
+
+def test_a_slow_reader_holds_the_stream_back_not_the_agent(agent: AgentProcess, engine: PrivateDockerd) -> None:
+    """A signed GET of a large answer (a container's export, 256 MiB) read slowly: the front waits for the
+    caller (TLS write flow control) instead of buffering what the engine sends, and a caller that leaves
+    mid-stream frees the engine's connection."""
+    import time
+
+    from tests.engine.test_hostile import Sampler
+
+    name = f"kls-front-export-{int(time.time())}"
+    engine.cli("run", "--name", name, "busybox:local", "dd", "if=/dev/zero", "of=/big", "bs=1M", "count=256")
+    try:
+        assert agent.proc is not None
+        with Sampler(agent.proc.pid) as sampler, tls_conn(agent) as (tls, stream):
+            start = sampler.peak
+            tls.sendall(head(agent, f"GET /v1.41/containers/{name}/export HTTP/1.1"))
+            status_line = stream.readline()
+            assert status_line.startswith(b"HTTP/1.1 200"), status_line
+            got = 0
+            for _ in range(60):  # 3 s of a caller taking 64 KiB every 50 ms, about 4 MiB of the 256
+                got += len(stream.read(2**16))
+                time.sleep(0.05)
+            assert got >= 60 * 2**16
+            grown = sampler.peak - start
+        assert grown < 48, f"the agent grew by {grown:.0f} MiB for a caller that read {got / 2**20:.0f} MiB"
+        # the caller left mid-stream: the agent still serves, on a fresh connection to the engine
+        with tls_conn(agent) as (tls, stream):
+            tls.sendall(head(agent, f"GET /v1.41/containers/{name}/json HTTP/1.1"))
+            status, _, body = read_response(stream)
+            assert status == 200 and json.loads(body)["Name"] == f"/{name}"
+    finally:
+        engine.cli("rm", "-f", name, check=False)
