@@ -100,6 +100,8 @@ class FrontProtocol(asyncio.Protocol):
         self._handed_off = False
         self.chunked = False
         """The answer being written goes in HTTP chunks (its length was not known)."""
+        self._answering = False
+        """The answer's head went out: an error can no longer be answered, only the connection closed."""
 
     # -- asyncio protocol ----------------------------------------------------------------------------
 
@@ -224,6 +226,7 @@ class FrontProtocol(asyncio.Protocol):
             guard.request_started()
             guard.proven()
         t0 = time.perf_counter()
+        self._answering = False
         metrics.in_flight.inc()
         status = 500
         keep_alive = not message.should_close
@@ -232,6 +235,11 @@ class FrontProtocol(asyncio.Protocol):
         except asyncio.CancelledError:
             keep_alive = False
             raise
+        except Exception as exc:  # a fault of ours: the caller must not wait for an answer that never comes
+            keep_alive = False
+            log_failure(Code.INTERNAL, f"relaying a request failed: {exc!r}", path=target.path)
+            if self.transport is not None and not self._answering:
+                self._write_error(500, f"The agent failed to relay the request: {exc}", False)
         finally:
             metrics.in_flight.dec()
             metrics.request_done(_LABEL, "GET", status)
@@ -294,6 +302,7 @@ class FrontProtocol(asyncio.Protocol):
             self.chunked = chunked
             # What came with the engine's head goes out with ours: one write, one TLS record for a small answer.
             self.transport.write(head + self._frame(first) if first else head)
+            self._answering = True
             state.metrics.observe_latency(_LABEL, time.perf_counter() - t0)
             if first:
                 state.metrics.streamed("download").inc(len(first))
@@ -343,4 +352,3 @@ class FrontProtocol(asyncio.Protocol):
     def close(self) -> None:
         if self.transport is not None and not self.transport.is_closing():
             self.transport.close()
-

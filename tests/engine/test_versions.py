@@ -135,6 +135,11 @@ async def test_engine_range_is_read_again_after_an_engine_restart(tmp_path: Path
         proc.start()
         assert len(re.findall("engine API versions", proc.log())) == 1
         engine.stop()
+        # no engine: a request for it is a Docker-shaped 502 that names it, logged with its code
+        status, headers, body = await call(proc, "GET", "/v1.45/info")
+        assert status == 502 and headers["Content-Type"].startswith("application/json"), (status, body)
+        assert "Unable to reach docker" in json.loads(body)["message"]
+        assert "PROXY_DOCKER_UNREACHABLE" in proc.log()
         # a new engine on the same socket: a restart or an upgrade
         engine = PrivateDockerd(root=engine.root, netns=engine.netns)
         engine.start()
