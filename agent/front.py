@@ -2,15 +2,15 @@
 
 Most of what Portainer and the Docker CLI send is a signed GET that this node's engine answers (`/_ping`,
 `/version`, `/containers/json` outside a Swarm, inspect, logs, `docker save`). For those, aiohttp's server
-(request object, middleware chain, response object, access machinery) was about half of the agent's CPU per
+(request object, middleware chain, response object, access machinery) was over a third of the agent's CPU per
 request. This protocol sits where aiohttp's would (above TLS) and serves such a request itself: the head is
 parsed by aiohttp's own (C) request parser, checked exactly as the application checks it (target, route,
 signature), and relayed on the engine's kept-alive connections with the same header rules.
 
 Anything else (a body, an upgrade, HTTP/1.0, HEAD, another node, an agent endpoint, a failed signature, a head
-the parser refuses) is handed to aiohttp: the connection, with every byte not yet answered, goes to a new
-aiohttp RequestHandler, and stays there. Nothing of a request is acted on before that choice is made, so the
-application sees the connection as if it had had it from the start.
+the parser refuses or one over 16 KiB) is handed to aiohttp: the connection, with every byte not yet answered,
+goes to a new aiohttp RequestHandler, and stays there. Nothing of a request is acted on before that choice is
+made, so the application sees the connection as if it had had it from the start.
 """
 
 from __future__ import annotations
@@ -42,6 +42,9 @@ MAX_LINE = 65536
 """The request line and each header field: the same limits as the application's server."""
 KEEPALIVE = 3630.0
 """An idle kept-alive connection is closed after this long (aiohttp's server default)."""
+HEAD_LIMIT = 2**14
+"""A head not complete within this many bytes goes to the application (a signed GET's head is well under 2 KiB):
+unfinished heads are held once, by aiohttp's parser, under the connection guard's budget."""
 PIPELINE_LIMIT = 2**16
 """Bytes of requests sent ahead while one is being answered; reading pauses above it."""
 NO_BODY_STATUS = frozenset((204, 304))
@@ -156,7 +159,7 @@ class FrontProtocol(asyncio.Protocol):
         buffer = self._buffer
         end = buffer.find(b"\r\n\r\n")
         if end < 0:
-            if len(buffer) > 2 * MAX_LINE:  # a head this long is the application's to refuse (431/400)
+            if len(buffer) > HEAD_LIMIT:
                 self._hand_off()
             return
         size = end + 4
