@@ -231,7 +231,8 @@ def diagnose(cluster: SwarmCluster, stack: str = DEFAULT_STACK) -> str:
 
 def remove_stack(cluster: SwarmCluster, stack: str = DEFAULT_STACK, timeout: float = 90) -> Waited:
     """`docker stack rm`, then wait until no container or network of the stack is left on any node (containers
-    of a node that left the Swarm, which the stack no longer reaches, are removed by hand)."""
+    of a node that left the Swarm, which the stack no longer reaches, are removed by hand, and networks that
+    `stack rm` could not remove while their tasks were stopping are removed again)."""
     docker(cluster.manager, "stack", "rm", stack, check=False)
     label = f"label=com.docker.stack.namespace={stack}"
 
@@ -243,6 +244,10 @@ def remove_stack(cluster: SwarmCluster, stack: str = DEFAULT_STACK, timeout: flo
             if ids and swarm_state != "active":
                 docker(node, "rm", "-f", *ids, check=False)
             nets = docker(node, "network", "ls", "-q", "--filter", label, check=False).stdout.split()
+            if nets and not ids:
+                # `stack rm` removes the networks right after the services, once: one still in use by a task
+                # that was stopping then stays for good, so it is asked again once the containers are gone.
+                docker(node, "network", "rm", *nets, check=False)
             if ids or nets:
                 left.append(f"{node.name}: {len(ids)} containers, {len(nets)} networks")
         return "; ".join(left)
