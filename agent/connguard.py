@@ -104,6 +104,7 @@ class GuardedProtocol(asyncio.BufferedProtocol):
         self.transport: Any = None
         self.head_bytes = 0
         self.in_request = False
+        self._loop = asyncio.get_running_loop()
         self._timer: asyncio.TimerHandle | None = None
         self._head_since: float | None = None
         """When the unfinished head (or the connection, before its first) began; None between requests."""
@@ -116,8 +117,8 @@ class GuardedProtocol(asyncio.BufferedProtocol):
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport
         self.guard._opened(self)
-        self._head_since = self._loop().time()  # a new connection owes its first head from now
-        self._arm()
+        self._head_since = self._loop.time()  # a new connection owes its first head from now
+        self._arm(self._head_since)
         self.inner.connection_made(transport)
 
     def get_buffer(self, sizehint: int) -> Any:
@@ -130,9 +131,9 @@ class GuardedProtocol(asyncio.BufferedProtocol):
             return
         if not self.in_request:
             if self._head_since is None:
-                self._head_since = self._loop().time()
+                self._head_since = self._loop.time()
                 if self._timer is None:
-                    self._arm()
+                    self._arm(self._head_since)
             self.head_bytes += nbytes
             if self.head_bytes > self.guard.max_head:
                 self.abort("head_too_large", TOO_LARGE)
@@ -194,25 +195,20 @@ class GuardedProtocol(asyncio.BufferedProtocol):
             else:
                 transport.abort()
 
-    @staticmethod
-    def _loop() -> asyncio.AbstractEventLoop:
-        return asyncio.get_running_loop()
-
-    def _arm(self) -> None:
+    def _arm(self, since: float) -> None:
         """One timer per connection, re-armed lazily: a kept-alive connection's heads cost no timer each."""
         self._disarm()
-        since = self._head_since if self._head_since is not None else self._loop().time()
-        self._timer = self._loop().call_at(since + self.guard.head_timeout, self._expired)
+        self._timer = self._loop.call_at(since + self.guard.head_timeout, self._expired)
 
     def _expired(self) -> None:
         self._timer = None
         since = self._head_since
         if since is None:
             return  # no head pending: the next one's first bytes arm the timer again
-        if self._loop().time() >= since + self.guard.head_timeout:
+        if self._loop.time() >= since + self.guard.head_timeout:
             self.abort("head_timeout")
         else:
-            self._arm()
+            self._arm(since)
 
     def _disarm(self) -> None:
         if self._timer is not None:

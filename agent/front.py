@@ -27,19 +27,16 @@ from aiohttp.http_parser import HttpRequestParser, RawRequestMessage
 from aiohttp.streams import EMPTY_PAYLOAD
 from multidict import CIMultiDictProxy
 
-from agent import API_VERSION, PLATFORM_DOCKER, VERSION
 from agent.auth import HEADER_PUBLIC_KEY, HEADER_SIGNATURE, Verdict
 from agent.connguard import GuardedProtocol
 from agent.errors import Code, log_failure
-from agent.server import engine_path
+from agent.server import AGENT_HEADERS, MAX_LINE, engine_path
 from agent.state import AgentState
-from proxy.forward import forwarded_headers, pipe_body, response_headers
+from proxy.forward import forwarded_headers, pipe_body, response_headers, unreachable_text
 from proxy.h1 import ConnectFailed
 from proxy.routing import Api, Kind, classify, decide
 from proxy.target import BadTarget, Target, parse_target
 
-MAX_LINE = 65536
-"""The request line and each header field: the same limits as the application's server."""
 KEEPALIVE = 3630.0
 """An idle kept-alive connection is closed after this long (aiohttp's server default)."""
 HEAD_LIMIT = 2**14
@@ -49,8 +46,7 @@ PIPELINE_LIMIT = 2**16
 """Bytes of requests sent ahead while one is being answered; reading pauses above it."""
 NO_BODY_STATUS = frozenset((204, 304))
 _HTTP11 = aiohttp.HttpVersion11
-_AGENT_HEADERS = (f"Portainer-Agent: {VERSION}\r\nPortainer-Agent-API-Version: {API_VERSION}\r\n"
-                  f"Portainer-Agent-Platform: {PLATFORM_DOCKER}\r\n")
+_AGENT_HEADERS = "".join(f"{name}: {value}\r\n" for name, value in AGENT_HEADERS)
 _LABEL = "local"
 
 
@@ -276,7 +272,7 @@ class FrontProtocol(asyncio.Protocol):
         try:
             answer = await engine.send("GET", path, headers)
         except (ConnectFailed, aiohttp.ClientError, OSError) as exc:
-            text = f"Unable to reach {engine.name} at {engine.base_url}: {exc}"
+            text = unreachable_text(engine, exc)
             log_failure(Code.PROXY_DOCKER_UNREACHABLE, text, status=502)
             self._write_error(502, text, keep_alive)
             state.metrics.observe_latency(_LABEL, time.perf_counter() - t0)

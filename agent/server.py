@@ -46,10 +46,16 @@ def request_target(request: web.Request) -> Target:
     return target
 
 
+AGENT_HEADERS = (("Portainer-Agent", VERSION), ("Portainer-Agent-API-Version", API_VERSION),
+                 ("Portainer-Agent-Platform", PLATFORM_DOCKER))
+"""What every answer but /key's carries (docs/protocol.md)."""
+MAX_LINE = 65536
+"""The request line and each header field may hold this many bytes."""
+
+
 def _agent_headers(response: web.StreamResponse) -> None:
-    response.headers["Portainer-Agent"] = VERSION
-    response.headers["Portainer-Agent-API-Version"] = API_VERSION
-    response.headers["Portainer-Agent-Platform"] = PLATFORM_DOCKER
+    for name, value in AGENT_HEADERS:
+        response.headers[name] = value
 
 
 async def _on_prepare(request: web.Request, response: web.StreamResponse) -> None:
@@ -290,7 +296,7 @@ def build_app(state: AgentState, extra_middlewares: list[Any] | None = None) -> 
         middlewares=[front_middleware, *(extra_middlewares or [])],
         client_max_size=0,  # bodies are streamed, never read whole by aiohttp
         # auto_decompress off: a body sent with Content-Encoding goes upstream byte for byte, as sent
-        handler_args={"max_field_size": 65536, "max_line_size": 65536, "auto_decompress": False},
+        handler_args={"max_field_size": MAX_LINE, "max_line_size": MAX_LINE, "auto_decompress": False},
     )
     app[STATE] = state
     app[DOCKER] = state.docker

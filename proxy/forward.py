@@ -46,6 +46,11 @@ def _connection_tokens(headers: Mapping[str, str]) -> AbstractSet[str]:
     return {t.strip().lower() for t in connection.split(",")} if connection else _NO_TOKENS
 
 
+def unreachable_text(upstream: Upstream, exc: BaseException) -> str:
+    """The message of a 502 for an upstream that could not be reached."""
+    return f"Unable to reach {upstream.name} at {upstream.base_url}: {exc}"
+
+
 class UpstreamUnreachable(Exception):
     """No connection to the upstream could be made: nothing of the request was sent, so another upstream
     may be tried (a manager operation falls through to the next manager)."""
@@ -127,9 +132,9 @@ async def forward_http(
     except (ConnectFailed, aiohttp.ClientConnectorError, aiohttp.ConnectionTimeoutError) as exc:
         if fall_through:
             raise UpstreamUnreachable(str(exc) or type(exc).__name__) from exc
-        return json_error(502, f"Unable to reach {upstream.name} at {upstream.base_url}: {exc}", unreachable)
+        return json_error(502, unreachable_text(upstream, exc), unreachable)
     except (aiohttp.ClientError, OSError) as exc:
-        return json_error(502, f"Unable to reach {upstream.name} at {upstream.base_url}: {exc}", unreachable)
+        return json_error(502, unreachable_text(upstream, exc), unreachable)
     async with upstream_resp:
         content = upstream_resp.content
         first = content.read_nowait() if request.method != "HEAD" else b""
@@ -399,9 +404,9 @@ async def relay_hijack(
     except HijackConnectError as exc:
         if fall_through:
             raise UpstreamUnreachable(str(exc)) from exc
-        return json_error(502, f"Unable to reach {upstream.name} at {upstream.base_url}: {exc}", unreachable)
+        return json_error(502, unreachable_text(upstream, exc), unreachable)
     except (OSError, HijackError) as exc:
-        return json_error(502, f"Unable to reach {upstream.name} at {upstream.base_url}: {exc}", unreachable)
+        return json_error(502, unreachable_text(upstream, exc), unreachable)
     if not hs.upgraded:
         hs.close()
         resp = web.Response(status=hs.status, reason=hs.reason, body=hs.body,

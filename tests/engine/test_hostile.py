@@ -290,13 +290,14 @@ async def test_a_hijack_request_streams_its_body(hostile_agent: AgentProcess, en
 async def test_a_kept_alive_connection_that_stalls_in_its_next_head_is_closed(hostile_agent: AgentProcess) -> None:
     """The head timeout holds for every request of a connection, not only its first: a signed request is
     answered, then half a head is sent and never finished; the agent closes the connection (3 s here)."""
-    signature = "".join(f"{k}: {v}\r\n" for k, v in hostile_agent.signer.headers().items())
+    from tests.engine.test_front import head
+
     reader, writer = await asyncio.open_connection("127.0.0.1", hostile_agent.port, ssl=insecure_context())
     try:
         for _ in range(2):  # two answered requests: the connection is kept alive between them
-            writer.write(f"GET /_ping HTTP/1.1\r\nHost: agent\r\n{signature}\r\n".encode())
-            head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 20)
-            assert head.startswith(b"HTTP/1.1 200"), head
+            writer.write(head(hostile_agent, "GET /_ping HTTP/1.1"))
+            answer = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 20)
+            assert answer.startswith(b"HTTP/1.1 200"), answer
             assert await asyncio.wait_for(reader.readexactly(2), 20) == b"OK"
         writer.write(b"GET /_ping HTTP/1.1\r\nHost: agent\r\n")
         with contextlib.suppress(ConnectionError, ssl.SSLError):

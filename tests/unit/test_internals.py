@@ -116,7 +116,7 @@ async def test_aiohttp_request_parser_fed_one_head_at_a_time() -> None:
     from aiohttp.http_parser import HttpRequestParser
     from aiohttp.streams import EMPTY_PAYLOAD
 
-    from agent.front import MAX_LINE
+    from agent.server import MAX_LINE
 
     class Holder:
         pass
