@@ -147,7 +147,7 @@ async def follow_view(state: Any, membership: StaticMembership, path: Path, firs
 # ----------------------------------------------------------------------------- the supervisor
 
 
-def _end_with_parent(parent: int) -> None:
+def end_with_parent(parent: int) -> None:
     """A worker whose supervisor is killed (SIGKILL, no forwarding) gets SIGTERM: no orphan keeps the port."""
     with contextlib.suppress(OSError, AttributeError):
         libc = ctypes.CDLL(None, use_errno=True)
@@ -181,7 +181,7 @@ class Supervisor:
             try:
                 for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGCHLD):
                     signal.signal(sig, signal.SIG_DFL)
-                _end_with_parent(parent)
+                end_with_parent(parent)
                 code = self.work(slot)
             except BaseException:  # a worker must never return into the supervisor's loop
                 logging.getLogger(__name__).exception("worker %d crashed", index)

@@ -66,7 +66,7 @@ def _engine_scenarios(wanted: list[str], sizes: Sizes, results: dict[str, Any], 
                       outdir: Path, tree: Path | None, timings: dict[str, float]) -> None:
     from bench import overhead, profiling, startup, streaming
     from bench.engine import BenchAgent, chatty_container, create_containers, image_size, import_random_image
-    from bench.external import HAProxy
+    from bench.external import AsyncioRelay, HAProxy
     from tools.dockerd import PrivateDockerd, new_run_id
 
     headers = signer.headers()
@@ -76,6 +76,7 @@ def _engine_scenarios(wanted: list[str], sizes: Sizes, results: dict[str, Any], 
     agent: BenchAgent | None = None
     before: BenchAgent | None = None
     haproxy: HAProxy | None = None
+    relay: AsyncioRelay | None = None
     try:
         with timed(timings, "engine_setup_s"):
             engine.start()
@@ -89,8 +90,9 @@ def _engine_scenarios(wanted: list[str], sizes: Sizes, results: dict[str, Any], 
         if "overhead" in wanted:
             try:
                 haproxy = HAProxy(root / "haproxy", str(engine.socket)).start()
-                targets = {"direct": direct, "agent": agent.url, "haproxy": haproxy.url}
-                pids = {"agent": agent.pid, "haproxy": haproxy.pid}
+                relay = AsyncioRelay(root / "relay", str(engine.socket)).start()
+                targets = {"direct": direct, "agent": agent.url, "haproxy": haproxy.url, "asyncio_relay": relay.url}
+                pids = {"agent": agent.pid, "haproxy": haproxy.pid, "asyncio_relay": relay.pid}
                 if before is not None:
                     targets["agent_before"] = before.url
                     pids["agent_before"] = before.pid
@@ -100,8 +102,9 @@ def _engine_scenarios(wanted: list[str], sizes: Sizes, results: dict[str, Any], 
             except Exception as exc:
                 results["overhead"] = _failed("overhead", exc)
             finally:
-                if haproxy is not None:
-                    haproxy.stop()
+                for reference in (haproxy, relay):
+                    if reference is not None:
+                        reference.stop()
         image = "keelson-bench-random:latest"
         cid = ""
         if "streaming" in wanted or "profile" in wanted:

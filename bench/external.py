@@ -7,6 +7,7 @@ import re
 import shutil
 import socket
 import subprocess
+import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -88,6 +89,54 @@ backend docker
             except OSError:
                 time.sleep(0.05)
         raise RuntimeError("haproxy did not listen within 10 s")
+
+    def stop(self) -> None:
+        stop_pid(self.proc)
+
+
+class AsyncioRelay:
+    """bench/relay.py, the floor of a Python asyncio server, on 127.0.0.1:<free port>: TLS (its own
+    self-signed certificate) piped byte for byte to the Docker socket, one process per available CPU."""
+
+    def __init__(self, workdir: Path, socket_path: str, processes: int | None = None) -> None:
+        self.workdir = workdir
+        self.socket_path = socket_path
+        self.processes = processes or available_cpus()
+        self.port = free_port()
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    @property
+    def url(self) -> str:
+        return f"https://127.0.0.1:{self.port}"
+
+    @property
+    def pid(self) -> int:
+        assert self.proc is not None, "the relay is not started"
+        return self.proc.pid
+
+    def start(self) -> AsyncioRelay:
+        self.workdir.mkdir(parents=True, exist_ok=True)
+        cert, key = self_signed_pem(["127.0.0.1"])
+        (self.workdir / "cert.pem").write_bytes(cert)
+        (self.workdir / "key.pem").write_bytes(key)
+        (self.workdir / "key.pem").chmod(0o600)
+        log = open(self.workdir / "relay.log", "ab")
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "bench.relay", "--cert", str(self.workdir / "cert.pem"),
+             "--key", str(self.workdir / "key.pem"), "--socket", self.socket_path, "--port", str(self.port),
+             "--processes", str(self.processes)],
+            cwd=Path(__file__).resolve().parent.parent, stdout=log, stderr=subprocess.STDOUT)
+        log.close()
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"the relay exited: {(self.workdir / 'relay.log').read_text()[-2000:]}")
+            try:
+                with socket.create_connection(("127.0.0.1", self.port), timeout=0.5):
+                    return self
+            except OSError:
+                time.sleep(0.05)
+        raise RuntimeError("the relay did not listen within 10 s")
 
     def stop(self) -> None:
         stop_pid(self.proc)

@@ -16,6 +16,8 @@ from tools.procs import tree_cpu_seconds
 
 PATHS = ("/_ping", "/version", "/containers/json?all=1")
 CONCURRENCY = (1, 64)
+RELAY = "asyncio_relay"
+"""bench/relay.py: TLS piped byte for byte to the socket, the floor of a Python asyncio server."""
 
 
 def _best(runs: list[dict[str, Any]]) -> dict[str, Any]:
@@ -93,6 +95,8 @@ def run(targets: dict[str, str], headers: dict[str, str], sizes: Sizes, rounds: 
                     f"p50 {res.get('p50_ms', 0)} ms")
             key = f"{path} c=64"
             hey_table[key] = row
+            if RELAY in row and "haproxy" in row:
+                hey_ratios[f"{key} {RELAY}/haproxy"] = ratio(row[RELAY].get("rps", 0), row["haproxy"].get("rps", 0))
             if "agent" in row and "haproxy" in row:
                 hey_ratios[key] = ratio(row["agent"].get("rps", 0), row["haproxy"].get("rps", 0))
                 if row["agent"].get("cpu_us_per_request") and row["haproxy"].get("cpu_us_per_request"):
@@ -145,6 +149,12 @@ def fixed_rate_cpu(targets: dict[str, str], headers: dict[str, str], sizes: Size
         if "agent" in row and "haproxy" in row:
             ratios[f"{key} agent/haproxy"] = ratio(row["agent"]["cpu_us_per_request"],
                                                    row["haproxy"]["cpu_us_per_request"])
+        if "agent" in row and RELAY in row:
+            ratios[f"{key} agent/{RELAY}"] = ratio(row["agent"]["cpu_us_per_request"],
+                                                   row[RELAY]["cpu_us_per_request"])
+        if RELAY in row and "haproxy" in row:
+            ratios[f"{key} {RELAY}/haproxy"] = ratio(row[RELAY]["cpu_us_per_request"],
+                                                     row["haproxy"]["cpu_us_per_request"])
         if "agent" in row and "agent_before" in row:
             ratios[f"{key} after/before"] = ratio(row["agent"]["cpu_us_per_request"],
                                                   row["agent_before"]["cpu_us_per_request"])

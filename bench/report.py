@@ -74,7 +74,9 @@ def markdown(results: dict[str, Any]) -> str:
             lines.append("")
             lines.append("hey (Go client), concurrency 64, req/s: " + "; ".join(
                 f"`{k}` " + ", ".join(f"{n} {v.get('rps', 0):.0f}" for n, v in row.items())
-                + f" (agent/haproxy {ov.get('hey_ratios', {}).get(k)})"
+                + f" (agent/haproxy {ov.get('hey_ratios', {}).get(k)}"
+                + (f", asyncio_relay/haproxy {ov['hey_ratios'][f'{k} asyncio_relay/haproxy']}"
+                   if f"{k} asyncio_relay/haproxy" in ov.get("hey_ratios", {}) else "") + ")"
                 for k, row in ov["hey"].items()))
             if ov.get("cpu_ratios"):
                 lines.append("")
@@ -90,7 +92,8 @@ def markdown(results: dict[str, Any]) -> str:
                          f"{fixed.get('rounds')} interleaved rounds, process tree, µs): " + "; ".join(
                              f"`{k}` " + ", ".join(f"{n} {v['cpu_us_per_request']}" for n, v in row.items())
                              + "".join(f" ({what} {fixed['ratios'][f'{k} {what}']})"
-                                       for what in ("agent/haproxy", "after/before")
+                                       for what in ("agent/haproxy", "agent/asyncio_relay",
+                                                    "asyncio_relay/haproxy", "after/before")
                                        if f"{k} {what}" in fixed["ratios"])
                              for k, row in fixed["table"].items()))
         lines.append("")

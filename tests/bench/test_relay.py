@@ -1,0 +1,47 @@
+"""The benchmarks' floor reference (bench/relay.py) in front of the session's dockerd: what it relays is the
+engine's own answer, several requests go over one kept-alive connection, and stopping it stops every process
+it forked."""
+
+from __future__ import annotations
+
+import ssl
+from pathlib import Path
+
+import pytest
+
+from bench.external import AsyncioRelay
+from tools.dockerd import PrivateDockerd
+from tools.procs import alive, descendants
+
+
+@pytest.mark.timeout(120)
+def test_the_relay_pipes_engine_answers_on_a_kept_alive_connection(engine: PrivateDockerd, tmp_path: Path) -> None:
+    import http.client
+
+    relay = AsyncioRelay(tmp_path / "relay", str(engine.socket), processes=2).start()
+    try:
+        children = descendants(relay.pid)
+        assert len(children) == 1  # two processes on the port: the parent and one fork
+        ctx = ssl.create_default_context()
+        ctx.check_hostname = False
+        ctx.verify_mode = ssl.CERT_NONE
+        conn = http.client.HTTPSConnection("127.0.0.1", relay.port, timeout=30, context=ctx)
+        first_socket = None
+        for path in ("/_ping", "/containers/json?all=1", "/version"):
+            conn.request("GET", path)
+            response = conn.getresponse()
+            body = response.read()
+            assert response.status == 200, (path, body[:200])
+            first_socket = first_socket or conn.sock
+            assert conn.sock is first_socket  # the same kept-alive connection
+            if path == "/_ping":
+                assert body == b"OK"
+            elif path == "/version":
+                assert b'"ApiVersion"' in body
+            else:
+                assert body.startswith(b"[")
+        conn.close()
+    finally:
+        relay.stop()
+    assert not alive(relay.pid)
+    assert not any(alive(pid) for pid in children)
