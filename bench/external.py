@@ -18,16 +18,17 @@ from bench.common import stop_pid
 from tools.agentproc import free_port
 
 
-class HAProxy:
-    """HAProxy terminating TLS (its own self-signed certificate) on 127.0.0.1:<free port> and proxying to a
-    unix socket with keep-alive on both sides. Its config is written here; it runs in the foreground (-db)
-    as our child and is stopped by PID. One thread per available CPU, HAProxy's own default, as the agent
-    runs one worker process per CPU (KEELSON_WORKERS)."""
+class _Reference:
+    """A reference server of the per-request benchmarks: TLS on 127.0.0.1:<free port> in front of the Docker
+    socket, run as our child and stopped by PID; `workers` threads or processes, one per available CPU by
+    default, as the agent runs one worker process per CPU (KEELSON_WORKERS)."""
 
-    def __init__(self, workdir: Path, socket_path: str, threads: int | None = None) -> None:
+    name = "reference"
+
+    def __init__(self, workdir: Path, socket_path: str, workers: int | None = None) -> None:
         self.workdir = workdir
         self.socket_path = socket_path
-        self.threads = threads or available_cpus()
+        self.workers = workers or available_cpus()
         self.port = free_port()
         self.proc: subprocess.Popen[bytes] | None = None
 
@@ -37,13 +38,41 @@ class HAProxy:
 
     @property
     def pid(self) -> int:
-        assert self.proc is not None, "HAProxy is not started"
+        assert self.proc is not None, f"{self.name} is not started"
         return self.proc.pid
+
+    def _launch(self, cmd: list[str], cwd: Path | None = None) -> None:
+        """Start `cmd` (output to WORKDIR/NAME.log) and wait until the port takes connections."""
+        log_path = self.workdir / f"{self.name}.log"
+        log = open(log_path, "ab")
+        self.proc = subprocess.Popen(cmd, cwd=cwd, stdout=log, stderr=subprocess.STDOUT)
+        log.close()
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"{self.name} exited: {log_path.read_text()[-2000:]}")
+            try:
+                with socket.create_connection(("127.0.0.1", self.port), timeout=0.5):
+                    return
+            except OSError:
+                time.sleep(0.05)
+        raise RuntimeError(f"{self.name} did not listen within 10 s")
+
+    def stop(self) -> None:
+        stop_pid(self.proc)
+
+
+class HAProxy(_Reference):
+    """HAProxy terminating TLS (its own self-signed certificate) on 127.0.0.1:<free port> and proxying to a
+    unix socket with keep-alive on both sides. Its config is written here; it runs in the foreground (-db).
+    One thread per worker (by default one per available CPU, HAProxy's own default)."""
+
+    name = "haproxy"
 
     def config(self) -> str:
         return f"""global
     maxconn 4096
-    nbthread {self.threads}
+    nbthread {self.workers}
     tune.ssl.default-dh-param 2048
 
 defaults
@@ -76,43 +105,15 @@ backend docker
         check = subprocess.run([binary, "-c", "-f", str(cfg)], capture_output=True, text=True, check=False)
         if check.returncode != 0:
             raise RuntimeError(f"haproxy config refused: {check.stdout}{check.stderr}")
-        log = open(self.workdir / "haproxy.log", "ab")
-        self.proc = subprocess.Popen([binary, "-db", "-f", str(cfg)], stdout=log, stderr=subprocess.STDOUT)
-        log.close()
-        deadline = time.monotonic() + 10
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"haproxy exited: {(self.workdir / 'haproxy.log').read_text()[-2000:]}")
-            try:
-                with socket.create_connection(("127.0.0.1", self.port), timeout=0.5):
-                    return self
-            except OSError:
-                time.sleep(0.05)
-        raise RuntimeError("haproxy did not listen within 10 s")
-
-    def stop(self) -> None:
-        stop_pid(self.proc)
+        self._launch([binary, "-db", "-f", str(cfg)])
+        return self
 
 
-class AsyncioRelay:
+class AsyncioRelay(_Reference):
     """bench/relay.py, the floor of a Python asyncio server, on 127.0.0.1:<free port>: TLS (its own
-    self-signed certificate) piped byte for byte to the Docker socket, one process per available CPU."""
+    self-signed certificate) piped byte for byte to the Docker socket, one process per worker."""
 
-    def __init__(self, workdir: Path, socket_path: str, processes: int | None = None) -> None:
-        self.workdir = workdir
-        self.socket_path = socket_path
-        self.processes = processes or available_cpus()
-        self.port = free_port()
-        self.proc: subprocess.Popen[bytes] | None = None
-
-    @property
-    def url(self) -> str:
-        return f"https://127.0.0.1:{self.port}"
-
-    @property
-    def pid(self) -> int:
-        assert self.proc is not None, "the relay is not started"
-        return self.proc.pid
+    name = "relay"
 
     def start(self) -> AsyncioRelay:
         self.workdir.mkdir(parents=True, exist_ok=True)
@@ -120,27 +121,11 @@ class AsyncioRelay:
         (self.workdir / "cert.pem").write_bytes(cert)
         (self.workdir / "key.pem").write_bytes(key)
         (self.workdir / "key.pem").chmod(0o600)
-        log = open(self.workdir / "relay.log", "ab")
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", "bench.relay", "--cert", str(self.workdir / "cert.pem"),
-             "--key", str(self.workdir / "key.pem"), "--socket", self.socket_path, "--port", str(self.port),
-             "--processes", str(self.processes)],
-            cwd=Path(__file__).resolve().parent.parent, stdout=log, stderr=subprocess.STDOUT)
-        log.close()
-        deadline = time.monotonic() + 10
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"the relay exited: {(self.workdir / 'relay.log').read_text()[-2000:]}")
-            try:
-                with socket.create_connection(("127.0.0.1", self.port), timeout=0.5):
-                    return self
-            except OSError:
-                time.sleep(0.05)
-        raise RuntimeError("the relay did not listen within 10 s")
-
-    def stop(self) -> None:
-        stop_pid(self.proc)
-
+        self._launch([sys.executable, "-m", "bench.relay", "--cert", str(self.workdir / "cert.pem"),
+                      "--key", str(self.workdir / "key.pem"), "--socket", self.socket_path,
+                      "--port", str(self.port), "--processes", str(self.workers)],
+                     cwd=Path(__file__).resolve().parent.parent)
+        return self
 
 
 def hey(url: str, headers: dict[str, str], concurrency: int, requests: int, timeout: float = 120.0,

@@ -18,7 +18,7 @@ from tools.procs import alive, descendants
 def test_the_relay_pipes_engine_answers_on_a_kept_alive_connection(engine: PrivateDockerd, tmp_path: Path) -> None:
     import http.client
 
-    relay = AsyncioRelay(tmp_path / "relay", str(engine.socket), processes=2).start()
+    relay = AsyncioRelay(tmp_path / "relay", str(engine.socket), workers=2).start()
     try:
         children = descendants(relay.pid)
         assert len(children) == 1  # two processes on the port: the parent and one fork
