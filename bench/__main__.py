@@ -30,7 +30,7 @@ from pathlib import Path
 from typing import Any
 
 from bench import plots, report
-from bench.common import REPO, RESULTS, Sizes, log, timed
+from bench.common import RELAY, REPO, RESULTS, Sizes, log, timed
 from tools.signer import Signer
 
 SCENARIOS = ("overhead", "streaming", "startup", "profile", "sim", "fanout", "recovery")
@@ -91,8 +91,8 @@ def _engine_scenarios(wanted: list[str], sizes: Sizes, results: dict[str, Any], 
             try:
                 haproxy = HAProxy(root / "haproxy", str(engine.socket)).start()
                 relay = AsyncioRelay(root / "relay", str(engine.socket)).start()
-                targets = {"direct": direct, "agent": agent.url, "haproxy": haproxy.url, "asyncio_relay": relay.url}
-                pids = {"agent": agent.pid, "haproxy": haproxy.pid, "asyncio_relay": relay.pid}
+                targets = {"direct": direct, "agent": agent.url, "haproxy": haproxy.url, RELAY: relay.url}
+                pids = {"agent": agent.pid, "haproxy": haproxy.pid, RELAY: relay.pid}
                 if before is not None:
                     targets["agent_before"] = before.url
                     pids["agent_before"] = before.pid
@@ -115,14 +115,19 @@ def _engine_scenarios(wanted: list[str], sizes: Sizes, results: dict[str, Any], 
                 f"{sizes.logs_mib} MiB of logs ready in {timings['streaming_setup_s']} s")
         if "streaming" in wanted:
             try:
+                relay = AsyncioRelay(root / "relay-streaming", str(engine.socket)).start()
                 stream_targets = {"direct": streaming.Target(direct, None, ["-H", engine.host]),
-                                  "agent": streaming.Target(agent.url, agent.pid, *agent.cli_args())}
+                                  "agent": streaming.Target(agent.url, agent.pid, *agent.cli_args()),
+                                  RELAY: streaming.Target(relay.url, relay.pid, *relay.cli_args())}
                 if before is not None:
                     stream_targets["agent_before"] = streaming.Target(before.url, before.pid, *before.cli_args())
                 with timed(timings, "streaming_s"):
                     results["streaming"] = streaming.run(stream_targets, headers, image, cid, sizes)
             except Exception as exc:
                 results["streaming"] = _failed("streaming", exc)
+            finally:
+                if relay is not None:
+                    relay.stop()
         if "profile" in wanted:
             try:
                 with timed(timings, "profile_s"):

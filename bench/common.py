@@ -21,6 +21,11 @@ TMP = RESULTS / "tmp"
 PY = sys.executable
 
 
+RELAY = "asyncio_relay"
+"""The name of bench/relay.py among the targets: TLS piped byte for byte to the socket, the floor of a Python
+asyncio server."""
+
+
 def log(msg: str) -> None:
     print(f"[bench {time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
 

@@ -119,6 +119,7 @@ class AsyncioRelay(_Reference):
         self.workdir.mkdir(parents=True, exist_ok=True)
         cert, key = self_signed_pem(["127.0.0.1"])
         (self.workdir / "cert.pem").write_bytes(cert)
+        (self.workdir / "ca.pem").write_bytes(cert)  # self-signed: its own CA, for the Docker CLI's cert path
         (self.workdir / "key.pem").write_bytes(key)
         (self.workdir / "key.pem").chmod(0o600)
         self._launch([sys.executable, "-m", "bench.relay", "--cert", str(self.workdir / "cert.pem"),
@@ -126,6 +127,10 @@ class AsyncioRelay(_Reference):
                       "--port", str(self.port), "--processes", str(self.workers)],
                      cwd=Path(__file__).resolve().parent.parent)
         return self
+
+    def cli_args(self) -> tuple[list[str], dict[str, str]]:
+        """Docker CLI arguments and environment that talk to the relay (TLS, not verified, as for the agent)."""
+        return ["--tls", "-H", f"tcp://127.0.0.1:{self.port}"], {"DOCKER_CERT_PATH": str(self.workdir)}
 
 
 def hey(url: str, headers: dict[str, str], concurrency: int, requests: int, timeout: float = 120.0,

@@ -10,14 +10,12 @@ import statistics
 from typing import Any
 
 from bench import loadgen
-from bench.common import Sizes, log, ratio
+from bench.common import RELAY, Sizes, log, ratio
 from bench.external import hey
 from tools.procs import tree_cpu_seconds
 
 PATHS = ("/_ping", "/version", "/containers/json?all=1")
 CONCURRENCY = (1, 64)
-RELAY = "asyncio_relay"
-"""bench/relay.py: TLS piped byte for byte to the socket, the floor of a Python asyncio server."""
 
 
 def _best(runs: list[dict[str, Any]]) -> dict[str, Any]:

@@ -12,8 +12,10 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 
+from bench.common import RELAY
+
 COLORS = {"direct": "#4c72b0", "agent": "#dd8452", "haproxy": "#55a868", "agent_before": "#c44e52",
-          "asyncio_relay": "#8172b3"}
+          RELAY: "#8172b3"}
 
 
 def _bars(ax: Any, groups: list[str], series: dict[str, list[float]], ylabel: str, title: str) -> None:

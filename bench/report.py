@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from typing import Any
 
+from bench.common import RELAY
+
 CONTAINERS = "/containers/json?all=1"
 
 
@@ -75,8 +77,8 @@ def markdown(results: dict[str, Any]) -> str:
             lines.append("hey (Go client), concurrency 64, req/s: " + "; ".join(
                 f"`{k}` " + ", ".join(f"{n} {v.get('rps', 0):.0f}" for n, v in row.items())
                 + f" (agent/haproxy {ov.get('hey_ratios', {}).get(k)}"
-                + (f", asyncio_relay/haproxy {ov['hey_ratios'][f'{k} asyncio_relay/haproxy']}"
-                   if f"{k} asyncio_relay/haproxy" in ov.get("hey_ratios", {}) else "") + ")"
+                + (f", {RELAY}/haproxy {ov['hey_ratios'][f'{k} {RELAY}/haproxy']}"
+                   if f"{k} {RELAY}/haproxy" in ov.get("hey_ratios", {}) else "") + ")"
                 for k, row in ov["hey"].items()))
             if ov.get("cpu_ratios"):
                 lines.append("")
@@ -92,15 +94,17 @@ def markdown(results: dict[str, Any]) -> str:
                          f"{fixed.get('rounds')} interleaved rounds, process tree, µs): " + "; ".join(
                              f"`{k}` " + ", ".join(f"{n} {v['cpu_us_per_request']}" for n, v in row.items())
                              + "".join(f" ({what} {fixed['ratios'][f'{k} {what}']})"
-                                       for what in ("agent/haproxy", "agent/asyncio_relay",
-                                                    "asyncio_relay/haproxy", "after/before")
+                                       for what in ("agent/haproxy", f"agent/{RELAY}", f"{RELAY}/haproxy",
+                                                    "after/before")
                                        if f"{k} {what}" in fixed["ratios"])
                              for k, row in fixed["table"].items()))
         lines.append("")
     st = results.get("streaming")
     if isinstance(st, dict) and "save" in st:
-        lines.append("| stream | client | direct MB/s | agent MB/s | agent/direct | agent RSS start -> peak MiB |")
-        lines.append("|---|---|---|---|---|---|")
+        relay = RELAY in st["save"]
+        lines.append("| stream | client | direct MB/s | agent MB/s | agent/direct | agent RSS start -> peak MiB |"
+                     + (f" {RELAY} MB/s | {RELAY}/direct |" if relay else ""))
+        lines.append("|---" * (8 if relay else 6) + "|")
         for case in ("save", "logs"):
             row = st[case]
             for client, sfx in (("docker CLI", ""), ("Python", "_python")):
@@ -108,7 +112,9 @@ def markdown(results: dict[str, Any]) -> str:
                 lines.append(f"| {case} ({row['direct']['bytes'] / 2**20:.0f} MiB) | {client} | "
                              f"{row['direct' + sfx]['mb_per_s']} | {agent['mb_per_s']} | "
                              f"{row['mbps_agent/direct' + sfx]} | "
-                             f"{agent['rss_start_mib']} -> {agent['rss_peak_mib']} |")
+                             f"{agent['rss_start_mib']} -> {agent['rss_peak_mib']} |"
+                             + (f" {row[RELAY + sfx]['mb_per_s']} | {row[f'mbps_{RELAY}/direct' + sfx]} |"
+                                if relay else ""))
         lines.append("")
     fo = results.get("fanout")
     if isinstance(fo, dict) and "agent_p50_ms" in fo:

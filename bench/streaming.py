@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from bench import loadgen
-from bench.common import RssSampler, Sizes, agent_memory_kib, log, median, ratio
+from bench.common import RELAY, RssSampler, Sizes, agent_memory_kib, log, median, ratio
 from tools.dockerd import DOCKER_CLI
 
 
@@ -65,7 +65,7 @@ def _cli(target: Target, command: list[str], wire_bytes: int) -> dict[str, Any]:
 
 def run(targets: dict[str, Target], headers: dict[str, str], image: str, container: str,
         sizes: Sizes) -> dict[str, Any]:
-    """targets: `direct`, `agent` and optionally `agent_before`."""
+    """targets: `direct`, `agent` and optionally `agent_before` and the asyncio relay (RELAY)."""
     cases = {
         "save": (f"/images/{image}/get", ["save", image]),
         "logs": (f"/containers/{container}/logs?stdout=1&stderr=1", ["logs", container]),
@@ -96,6 +96,10 @@ def run(targets: dict[str, Target], headers: dict[str, str], image: str, contain
                     row[key]["rss_start_mib"] = min(r["rss_start_mib"] for r in rs)
         row["mbps_agent/direct"] = ratio(row["agent"]["mb_per_s"], row["direct"]["mb_per_s"])
         row["mbps_agent/direct_python"] = ratio(row["agent_python"]["mb_per_s"], row["direct_python"]["mb_per_s"])
+        if RELAY in row:
+            row[f"mbps_{RELAY}/direct"] = ratio(row[RELAY]["mb_per_s"], row["direct"]["mb_per_s"])
+            row[f"mbps_{RELAY}/direct_python"] = ratio(row[f"{RELAY}_python"]["mb_per_s"],
+                                                      row["direct_python"]["mb_per_s"])
         if "agent_before" in row:
             row["mbps_after/before"] = ratio(row["agent"]["mb_per_s"], row["agent_before"]["mb_per_s"])
             row["mbps_after/before_python"] = ratio(row["agent_python"]["mb_per_s"],
