@@ -56,6 +56,7 @@ class _Reference:
                     return
             except OSError:
                 time.sleep(0.05)
+        self.stop()
         raise RuntimeError(f"{self.name} did not listen within 10 s")
 
     def stop(self) -> None:

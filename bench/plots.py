@@ -44,7 +44,8 @@ def overhead(result: dict[str, Any], path: Path) -> None:
     _bars(axes[2], c64, {n: [table[g][n]["rps"] for g in c64] for n in names}, "requests/s (log scale)",
           "throughput, concurrency 64")
     axes[2].set_yscale("log")
-    fig.suptitle("Per-request overhead: Docker socket direct vs agent (TLS, signed) vs HAProxy (TLS)")
+    fig.suptitle("Per-request overhead: Docker socket direct vs agent (TLS, signed) vs HAProxy (TLS) vs asyncio relay "
+                 "(TLS, bytes only)")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
@@ -60,10 +61,10 @@ def streaming(result: dict[str, Any], path: Path) -> None:
                             for n in bases}, "MB/s", "throughput")
     agents = [n for n in names if n != "direct" and n != "direct_python"]
     _bars(axes[1], cases, {n: [result[c][n]["rss_peak_mib"] for c in cases] for n in agents}, "MiB",
-          "agent peak RSS during the transfer")
+          "peak memory during the transfer (PSS of the process tree)")
     axes[1].axhline(100, color="grey", ls="--", lw=1)
     axes[1].text(0, 101, "target 100 MiB", fontsize=8, color="grey")
-    fig.suptitle("Streaming: docker save / docker logs, direct vs through the agent")
+    fig.suptitle("Streaming: docker save / docker logs, direct vs through the agent vs the asyncio relay")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
