@@ -65,10 +65,12 @@ class _Client(_Side):
     def __init__(self, socket_path: str) -> None:
         super().__init__()
         self.socket_path = socket_path
+        self._connecting: asyncio.Task[None] | None = None
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         super().connection_made(transport)
-        asyncio.get_running_loop().create_task(self._connect())
+        # held here: the event loop keeps only a weak reference to a task
+        self._connecting = asyncio.get_running_loop().create_task(self._connect())
 
     async def _connect(self) -> None:
         try:
