@@ -115,9 +115,11 @@ def _engine_scenarios(wanted: list[str], sizes: Sizes, results: dict[str, Any], 
                 f"{sizes.logs_mib} MiB of logs ready in {timings['streaming_setup_s']} s")
         if "streaming" in wanted:
             try:
+                haproxy = HAProxy(root / "haproxy-streaming", str(engine.socket)).start()
                 relay = AsyncioRelay(root / "relay-streaming", str(engine.socket)).start()
                 stream_targets = {"direct": streaming.Target(direct, None, ["-H", engine.host]),
                                   "agent": streaming.Target(agent.url, agent.pid, *agent.cli_args()),
+                                  "haproxy": streaming.Target(haproxy.url, haproxy.pid, *haproxy.cli_args()),
                                   RELAY: streaming.Target(relay.url, relay.pid, *relay.cli_args())}
                 if before is not None:
                     stream_targets["agent_before"] = streaming.Target(before.url, before.pid, *before.cli_args())
@@ -126,8 +128,9 @@ def _engine_scenarios(wanted: list[str], sizes: Sizes, results: dict[str, Any], 
             except Exception as exc:
                 results["streaming"] = _failed("streaming", exc)
             finally:
-                if relay is not None:
-                    relay.stop()
+                for reference in (haproxy, relay):
+                    if reference is not None:
+                        reference.stop()
         if "profile" in wanted:
             try:
                 with timed(timings, "profile_s"):

@@ -24,6 +24,9 @@ PY = sys.executable
 RELAY = "asyncio_relay"
 """The name of bench/relay.py among the targets: TLS piped byte for byte to the socket, the floor of a Python
 asyncio server."""
+REFERENCES = ("haproxy", RELAY)
+"""Servers that move the same bytes through TLS without the agent's work: HAProxy (C, OpenSSL) shows what TLS
+itself costs here, the asyncio relay what TLS in asyncio costs."""
 
 
 def log(msg: str) -> None:

@@ -59,6 +59,11 @@ class _Reference:
         self.stop()
         raise RuntimeError(f"{self.name} did not listen within 10 s")
 
+    def cli_args(self) -> tuple[list[str], dict[str, str]]:
+        """Docker CLI arguments and environment that talk to this server (TLS, not verified, as for the agent;
+        the CLI finds the self-signed certificate as `ca.pem` in its cert path)."""
+        return ["--tls", "-H", f"tcp://127.0.0.1:{self.port}"], {"DOCKER_CERT_PATH": str(self.workdir)}
+
     def stop(self) -> None:
         stop_pid(self.proc)
 
@@ -98,6 +103,7 @@ backend docker
             raise RuntimeError("haproxy is missing (./dev.sh bench installs it: apt-get install -y haproxy)")
         self.workdir.mkdir(parents=True, exist_ok=True)
         cert, key = self_signed_pem(["127.0.0.1"])
+        (self.workdir / "ca.pem").write_bytes(cert)  # self-signed: its own CA, for the Docker CLI's cert path
         pem = self.workdir / "haproxy.pem"
         pem.write_bytes(cert + key)
         pem.chmod(0o600)
@@ -128,10 +134,6 @@ class AsyncioRelay(_Reference):
                       "--port", str(self.port), "--processes", str(self.workers)],
                      cwd=Path(__file__).resolve().parent.parent)
         return self
-
-    def cli_args(self) -> tuple[list[str], dict[str, str]]:
-        """Docker CLI arguments and environment that talk to the relay (TLS, not verified, as for the agent)."""
-        return ["--tls", "-H", f"tcp://127.0.0.1:{self.port}"], {"DOCKER_CERT_PATH": str(self.workdir)}
 
 
 def hey(url: str, headers: dict[str, str], concurrency: int, requests: int, timeout: float = 120.0,

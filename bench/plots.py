@@ -64,7 +64,7 @@ def streaming(result: dict[str, Any], path: Path) -> None:
           "peak memory during the transfer (PSS of the process tree)")
     axes[1].axhline(100, color="grey", ls="--", lw=1)
     axes[1].text(0, 101, "target 100 MiB", fontsize=8, color="grey")
-    fig.suptitle("Streaming: docker save / docker logs, direct vs through the agent vs the asyncio relay")
+    fig.suptitle("Streaming: docker save / docker logs, direct vs through the agent, HAProxy and the asyncio relay")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from bench.common import RELAY
+from bench.common import REFERENCES, RELAY
 
 CONTAINERS = "/containers/json?all=1"
 
@@ -101,10 +101,10 @@ def markdown(results: dict[str, Any]) -> str:
         lines.append("")
     st = results.get("streaming")
     if isinstance(st, dict) and "save" in st:
-        relay = RELAY in st["save"]
+        refs = [ref for ref in REFERENCES if ref in st["save"]]
         lines.append("| stream | client | direct MB/s | agent MB/s | agent/direct | agent RSS start -> peak MiB |"
-                     + (f" {RELAY} MB/s | {RELAY}/direct |" if relay else ""))
-        lines.append("|---" * (8 if relay else 6) + "|")
+                     + "".join(f" {ref} MB/s | {ref}/direct |" for ref in refs))
+        lines.append("|---" * (6 + 2 * len(refs)) + "|")
         for case in ("save", "logs"):
             row = st[case]
             for client, sfx in (("docker CLI", ""), ("Python", "_python")):
@@ -113,8 +113,8 @@ def markdown(results: dict[str, Any]) -> str:
                              f"{row['direct' + sfx]['mb_per_s']} | {agent['mb_per_s']} | "
                              f"{row['mbps_agent/direct' + sfx]} | "
                              f"{agent['rss_start_mib']} -> {agent['rss_peak_mib']} |"
-                             + (f" {row[RELAY + sfx]['mb_per_s']} | {row[f'mbps_{RELAY}/direct' + sfx]} |"
-                                if relay else ""))
+                             + "".join(f" {row[ref + sfx]['mb_per_s']} | {row[f'mbps_{ref}/direct' + sfx]} |"
+                                       for ref in refs))
         lines.append("")
     fo = results.get("fanout")
     if isinstance(fo, dict) and "agent_p50_ms" in fo:

@@ -4,7 +4,8 @@ from /proc/<pid>/status every 20 ms during each transfer. The data sets are buil
 
 Two clients read each stream, to /dev/null: the real Docker CLI (`docker save`, `docker logs`: Go's TLS, as
 Portainer and the CLI are in real use; the primary figure), and our Python client (bench.loadgen), whose
-own TLS decryption in asyncio costs about as much CPU as the agent's relay on this 2-core machine."""
+own TLS decryption in asyncio costs about as much CPU as the agent's relay on this 2-core machine. HAProxy
+and the asyncio relay move the same streams through TLS, as references."""
 
 from __future__ import annotations
 
@@ -15,7 +16,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from bench import loadgen
-from bench.common import RELAY, RssSampler, Sizes, agent_memory_kib, log, median, ratio
+from bench.common import REFERENCES, RssSampler, Sizes, agent_memory_kib, log, median, ratio
 from tools.dockerd import DOCKER_CLI
 
 
@@ -65,7 +66,7 @@ def _cli(target: Target, command: list[str], wire_bytes: int) -> dict[str, Any]:
 
 def run(targets: dict[str, Target], headers: dict[str, str], image: str, container: str,
         sizes: Sizes) -> dict[str, Any]:
-    """targets: `direct`, `agent` and optionally `agent_before` and the asyncio relay (RELAY)."""
+    """targets: `direct`, `agent` and optionally `agent_before` and the references (REFERENCES)."""
     cases = {
         "save": (f"/images/{image}/get", ["save", image]),
         "logs": (f"/containers/{container}/logs?stdout=1&stderr=1", ["logs", container]),
@@ -96,10 +97,11 @@ def run(targets: dict[str, Target], headers: dict[str, str], image: str, contain
                     row[key]["rss_start_mib"] = min(r["rss_start_mib"] for r in rs)
         row["mbps_agent/direct"] = ratio(row["agent"]["mb_per_s"], row["direct"]["mb_per_s"])
         row["mbps_agent/direct_python"] = ratio(row["agent_python"]["mb_per_s"], row["direct_python"]["mb_per_s"])
-        if RELAY in row:
-            row[f"mbps_{RELAY}/direct"] = ratio(row[RELAY]["mb_per_s"], row["direct"]["mb_per_s"])
-            row[f"mbps_{RELAY}/direct_python"] = ratio(row[f"{RELAY}_python"]["mb_per_s"],
-                                                      row["direct_python"]["mb_per_s"])
+        for ref in REFERENCES:
+            if ref in row:
+                row[f"mbps_{ref}/direct"] = ratio(row[ref]["mb_per_s"], row["direct"]["mb_per_s"])
+                row[f"mbps_{ref}/direct_python"] = ratio(row[f"{ref}_python"]["mb_per_s"],
+                                                        row["direct_python"]["mb_per_s"])
         if "agent_before" in row:
             row["mbps_after/before"] = ratio(row["agent"]["mb_per_s"], row["agent_before"]["mb_per_s"])
             row["mbps_after/before_python"] = ratio(row["agent_python"]["mb_per_s"],

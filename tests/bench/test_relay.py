@@ -45,3 +45,25 @@ def test_the_relay_pipes_engine_answers_on_a_kept_alive_connection(engine: Priva
         relay.stop()
     assert not alive(relay.pid)
     assert not any(alive(pid) for pid in children)
+
+
+@pytest.mark.timeout(120)
+def test_the_docker_cli_reaches_the_engine_through_the_relay(engine: PrivateDockerd, tmp_path: Path) -> None:
+    """The streaming scenario drives the references with the Docker CLI: their `cli_args()` must be enough."""
+    import os
+    import subprocess
+
+    from tools.dockerd import DOCKER_CLI
+
+    relay = AsyncioRelay(tmp_path / "relay", str(engine.socket), workers=1).start()
+    try:
+        args, env = relay.cli_args()
+        res = subprocess.run([DOCKER_CLI, *args, "version", "--format", "{{.Server.Version}}"],
+                             env={**{k: v for k, v in os.environ.items() if k != "DOCKER_HOST"}, **env},
+                             capture_output=True, text=True, timeout=60, check=False)
+        assert res.returncode == 0, res.stderr
+        direct = subprocess.run([DOCKER_CLI, "-H", engine.host, "version", "--format", "{{.Server.Version}}"],
+                                capture_output=True, text=True, timeout=60, check=True)
+        assert res.stdout.strip() == direct.stdout.strip() != ""
+    finally:
+        relay.stop()
