@@ -254,7 +254,9 @@ def main(argv: list[str] | None = None) -> int:
     (outdir / "summary.md").write_text(report.markdown(results))
     log(f"done in {results['meta']['seconds']} s: {outdir / 'latest.json'}, summary.md, {results['plots']}")
     for name, t in results["targets"].items():
-        log(f"  target {name}: {t['value']} ({t['target']}) {'met' if t['met'] else 'MISSED'}")
+        same = "".join(f", {k} {v}" for k, v in t.get("references", {}).items())
+        log(f"  target {name}: {t['value']} ({t['target']}) {'met' if t['met'] else 'MISSED'}"
+            + (f" (references{same})" if same else ""))
     failed = [k for k, v in results.items() if isinstance(v, dict) and "error" in v]
     return 1 if failed or results.get("interrupted") else 0
 

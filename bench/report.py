@@ -17,29 +17,43 @@ def _get(d: Any, *keys: str) -> Any:
     return d
 
 
+def _table_ratio(ov: dict[str, Any], group: str, name: str, base: str, key: str) -> float | None:
+    """One overhead table figure of `name` over the same of `base` (None when either is missing)."""
+    a, b = _get(ov, "table", group, name, key), _get(ov, "table", group, base, key)
+    return round(a / b, 3) if a and b else None
+
+
 def targets(results: dict[str, Any]) -> dict[str, dict[str, Any]]:
-    """name -> {value, target, met}; a scenario that did not run gives no entry."""
+    """name -> {value, target, met, references}; a scenario that did not run gives no entry. `references`
+    holds the same ratio for the reference servers of the same run (HAProxy, the asyncio relay), where one
+    exists: what a proxy without the agent's work reaches on this machine."""
     out: dict[str, dict[str, Any]] = {}
 
-    def add(name: str, value: Any, op: str, bound: float) -> None:
+    def add(name: str, value: Any, op: str, bound: float, refs: dict[str, Any] | None = None) -> None:
         if value is None or value == 0:
             return
         met = value <= bound if op == "<=" else value >= bound
-        out[name] = {"value": value, "target": f"{op} {bound}", "met": bool(met)}
+        out[name] = {"value": value, "target": f"{op} {bound}", "met": bool(met),
+                     "references": {k: v for k, v in (refs or {}).items() if v}}
 
     ov = results.get("overhead") or {}
-    add("p50 agent/direct, /containers/json c=1", _get(ov, "ratios", f"{CONTAINERS} c=1", "p50_agent/direct"),
-        "<=", 1.15)
+    group = f"{CONTAINERS} c=1"
+    add("p50 agent/direct, /containers/json c=1", _get(ov, "ratios", group, "p50_agent/direct"), "<=", 1.15,
+        {ref: _table_ratio(ov, group, ref, "direct", "p50_ms") for ref in REFERENCES})
     # /_ping is the agent's whole per-request cost against HAProxy's (the engine answers in no time): 0.75x;
     # where the engine does work, the agent must keep up with HAProxy.
     for path, bound in (("/_ping", 0.75), ("/version", 1.0), (CONTAINERS, 1.0)):
-        add(f"req/s agent/haproxy, {path} c=64 (bench.loadgen)",
-            _get(ov, "ratios", f"{path} c=64", "rps_agent/haproxy"), ">=", bound)
-        add(f"req/s agent/haproxy, {path} c=64 (hey)", _get(ov, "hey_ratios", f"{path} c=64"), ">=", bound)
+        group = f"{path} c=64"
+        add(f"req/s agent/haproxy, {path} c=64 (bench.loadgen)", _get(ov, "ratios", group, "rps_agent/haproxy"),
+            ">=", bound, {RELAY: _table_ratio(ov, group, RELAY, "haproxy", "rps")})
+        add(f"req/s agent/haproxy, {path} c=64 (hey)", _get(ov, "hey_ratios", group), ">=", bound,
+            {RELAY: _get(ov, "hey_ratios", f"{group} {RELAY}/haproxy")})
     st = results.get("streaming") or {}
     for case in ("save", "logs"):
-        add(f"MB/s agent/direct, {case} (docker CLI)", _get(st, case, "mbps_agent/direct"), ">=", 0.9)
-        add(f"MB/s agent/direct, {case} (Python client)", _get(st, case, "mbps_agent/direct_python"), ">=", 0.9)
+        add(f"MB/s agent/direct, {case} (docker CLI)", _get(st, case, "mbps_agent/direct"), ">=", 0.9,
+            {ref: _get(st, case, f"mbps_{ref}/direct") for ref in REFERENCES})
+        add(f"MB/s agent/direct, {case} (Python client)", _get(st, case, "mbps_agent/direct_python"), ">=", 0.9,
+            {ref: _get(st, case, f"mbps_{ref}/direct_python") for ref in REFERENCES})
         add(f"agent peak RSS MiB, {case}", max(_get(st, case, "agent", "rss_peak_mib") or 0,
                                                 _get(st, case, "agent_python", "rss_peak_mib") or 0), "<=", 100)
     fo = results.get("fanout") or {}
@@ -173,10 +187,11 @@ def markdown(results: dict[str, Any]) -> str:
         lines.append("")
     tg = results.get("targets") or {}
     if tg:
-        lines.append("| target | measured | wanted | met |")
-        lines.append("|---|---|---|---|")
+        lines.append("| target | measured | wanted | met | the same ratio for the references, same run |")
+        lines.append("|---|---|---|---|---|")
         for name, t in tg.items():
-            lines.append(f"| {name} | {t['value']} | {t['target']} | {'yes' if t['met'] else '**no**'} |")
+            same = ", ".join(f"{k} {v}" for k, v in (t.get("references") or {}).items())
+            lines.append(f"| {name} | {t['value']} | {t['target']} | {'yes' if t['met'] else '**no**'} | {same} |")
         lines.append("")
     errors = {k: v["error"] for k, v in results.items() if isinstance(v, dict) and "error" in v}
     if errors:
@@ -206,3 +221,17 @@ def before_after(results: dict[str, Any]) -> dict[str, Any]:
         out[f"sim peak RSS after/before, {a['nodes']} nodes"] = round(a["process_rss_peak_mib"] /
                                                                       b["process_rss_peak_mib"], 3)
     return out
+
+
+if __name__ == "__main__":
+    # `python -m bench.report DIR`: the targets and summary.md of DIR/latest.json again (after changing this file)
+    import json
+    import sys
+    from pathlib import Path
+
+    folder = Path(sys.argv[1] if len(sys.argv) > 1 else "bench/results")
+    data = json.loads((folder / "latest.json").read_text())
+    data["targets"] = targets(data)
+    (folder / "latest.json").write_text(json.dumps(data, indent=1))
+    (folder / "summary.md").write_text(markdown(data))
+    print(folder / "summary.md")
