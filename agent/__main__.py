@@ -12,7 +12,9 @@ import signal
 import sys
 from pathlib import Path
 
+from agent import internals
 from agent.config import Config, ConfigError, load_config
+from agent.errors import Code
 from agent.logs import setup_logging
 from agent.workers import RUN_DIR, Supervisor, WorkerSlot, available_cpus
 
@@ -43,6 +45,21 @@ def raise_fd_limit() -> None:
             resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
 
 
+def internals_found() -> bool:
+    """The library internals the agent relies on are all there (one line for each that is not); a version
+    other than the verified ones only warns."""
+    gone = internals.missing()
+    running = ", ".join(f"{name} {v}" for name, v in internals.running_versions().items())
+    for item in gone:
+        log.error("%s %s is gone (running %s; verified with %s)", Code.INTERNALS_CHANGED.value, item, running,
+                  ", ".join(f"{name} {v}" for name, v in internals.VERIFIED.items()))
+    if not gone:
+        for item in internals.unverified():
+            log.warning("%s %s: every internal the agent relies on was found", Code.INTERNALS_UNVERIFIED.value,
+                        item)
+    return not gone
+
+
 def main(argv: list[str] | None = None) -> int:
     try:
         config = load_config(argv=sys.argv[1:] if argv is None else argv)
@@ -50,6 +67,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"CONFIG_INVALID {exc}", file=sys.stderr)
         return 2
     setup_logging(config.log_level, config.log_mode)
+    if not internals_found():
+        return 1
     raise_fd_limit()
     for name in config.ignored:
         log.warning("CONFIG_IGNORED %s is set but has no effect in Keelson (see the README)", name)

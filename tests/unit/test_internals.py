@@ -14,6 +14,8 @@ fails here, by name, instead of somewhere deep in a stream.
 - aiohttp's HttpRequestParser, fed one request head at a time by the lean front (agent/front.py), which
   tells a request without body by its payload being EMPTY_PAYLOAD; and a RequestHandler taking over a
   connection that is already open (connection_made, then data_received with the bytes not yet answered)
+
+The agent looks the same internals up when it starts (agent/internals.py): the last tests here check that.
 """
 
 from __future__ import annotations
@@ -21,9 +23,11 @@ from __future__ import annotations
 import asyncio
 import inspect
 from asyncio import sslproto
+from typing import Any
 
 import aiodocker
 import aiohttp
+import pytest
 from aiohttp import web_protocol
 
 from agent import tlsproto
@@ -145,3 +149,41 @@ def test_aiohttp_request_handler_takes_over_an_open_connection() -> None:
         assert callable(getattr(web_protocol.RequestHandler, name)), name
     # the server's factory call makes a handler for one connection (agent/front.py LeanFront.fallback)
     assert "RequestHandler(" in inspect.getsource(aiohttp.web_server.Server.__call__)
+
+
+def test_the_start_check_finds_every_internal_here() -> None:
+    from agent import internals
+
+    assert internals.missing() == []
+
+
+def test_the_start_check_names_what_is_gone_and_what_relies_on_it(monkeypatch: Any) -> None:
+    from agent import internals
+
+    monkeypatch.delattr(aiodocker.Docker, "_query_json")
+    monkeypatch.setattr(web_protocol.RequestHandler, "__slots__", ())
+    assert internals.missing() == [
+        "aiodocker.Docker._query_json (used by the engine's own calls (agent/engine.py))",
+        "aiohttp.web_protocol.RequestHandler._message_tail (used by hijacked streams, proxy/forward.py)",
+    ]
+
+
+def test_other_versions_are_named_but_only_their_minor_version_counts(monkeypatch: Any) -> None:
+    from agent import internals
+
+    monkeypatch.setattr(internals, "running_versions",
+                        lambda: {"python": "3.11.9", "aiohttp": "3.15.0", "aiodocker": "0.27.1"})
+    monkeypatch.setattr(internals, "VERIFIED", {"python": "3.11", "aiohttp": "3.14", "aiodocker": "0.27"})
+    assert internals.unverified() == ["aiohttp 3.15.0 (verified: 3.14)"]
+
+
+def test_an_agent_without_an_internal_stops_at_start_with_one_line(monkeypatch: Any, capfd: Any) -> None:
+    from agent import __main__ as entry
+    from agent import internals
+
+    monkeypatch.setattr(internals, "missing", lambda: ["asyncio.sslproto.X (used by agent/tlsproto.py)"])
+    monkeypatch.setattr(entry, "serve", lambda *args: pytest.fail("the agent must not start"))
+    monkeypatch.setattr(entry, "Supervisor", lambda *args: pytest.fail("the agent must not start"))
+    assert entry.main([]) == 1
+    lines = [line for line in capfd.readouterr().err.splitlines() if "INTERNALS_CHANGED" in line]
+    assert len(lines) == 1 and "asyncio.sslproto.X (used by agent/tlsproto.py) is gone" in lines[0], lines
