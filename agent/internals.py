@@ -38,7 +38,7 @@ _ATTRIBUTES: tuple[tuple[str, str, str], ...] = (
 
 
 def missing() -> list[str]:
-    """Each internal that is not where the agent expects it, with what relies on it (empty when all are)."""
+    """Each internal that is not where the agent expects it, as `name, used by what relies on it,`."""
     gone = []
     for module_name, path, user in _ATTRIBUTES:
         try:
@@ -46,13 +46,14 @@ def missing() -> list[str]:
             for part in path.split("."):
                 obj = getattr(obj, part)
         except (ImportError, AttributeError):
-            gone.append(f"{module_name}.{path} (used by {user})")
+            gone.append(f"{module_name}.{path}, used by {user},")
     from aiohttp import web_protocol
 
     if "_message_tail" not in getattr(web_protocol.RequestHandler, "__slots__", ()):
-        gone.append("aiohttp.web_protocol.RequestHandler._message_tail (used by hijacked streams, proxy/forward.py)")
+        gone.append("aiohttp.web_protocol.RequestHandler._message_tail, used by hijacked streams (proxy/forward.py),")
     if not issubclass(sslproto.SSLProtocol, asyncio.BufferedProtocol):
-        gone.append("asyncio.sslproto.SSLProtocol as a BufferedProtocol (used by agent/connguard.py)")
+        gone.append("asyncio.sslproto.SSLProtocol as a BufferedProtocol, used by the connection guard "
+                    "(agent/connguard.py),")
     return gone
 
 

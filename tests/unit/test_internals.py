@@ -163,8 +163,8 @@ def test_the_start_check_names_what_is_gone_and_what_relies_on_it(monkeypatch: A
     monkeypatch.delattr(aiodocker.Docker, "_query_json")
     monkeypatch.setattr(web_protocol.RequestHandler, "__slots__", ())
     assert internals.missing() == [
-        "aiodocker.Docker._query_json (used by the engine's own calls (agent/engine.py))",
-        "aiohttp.web_protocol.RequestHandler._message_tail (used by hijacked streams, proxy/forward.py)",
+        "aiodocker.Docker._query_json, used by the engine's own calls (agent/engine.py),",
+        "aiohttp.web_protocol.RequestHandler._message_tail, used by hijacked streams (proxy/forward.py),",
     ]
 
 
@@ -181,9 +181,10 @@ def test_an_agent_without_an_internal_stops_at_start_with_one_line(monkeypatch: 
     from agent import __main__ as entry
     from agent import internals
 
-    monkeypatch.setattr(internals, "missing", lambda: ["asyncio.sslproto.X (used by agent/tlsproto.py)"])
+    monkeypatch.setattr(internals, "missing", lambda: ["asyncio.sslproto.X, used by TLS (agent/tlsproto.py),"])
     monkeypatch.setattr(entry, "serve", lambda *args: pytest.fail("the agent must not start"))
     monkeypatch.setattr(entry, "Supervisor", lambda *args: pytest.fail("the agent must not start"))
     assert entry.main([]) == 1
     lines = [line for line in capfd.readouterr().err.splitlines() if "INTERNALS_CHANGED" in line]
-    assert len(lines) == 1 and "asyncio.sslproto.X (used by agent/tlsproto.py) is gone" in lines[0], lines
+    expected = "INTERNALS_CHANGED asyncio.sslproto.X, used by TLS (agent/tlsproto.py), is gone (running python 3"
+    assert len(lines) == 1 and expected in lines[0], lines
