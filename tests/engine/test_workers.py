@@ -56,7 +56,8 @@ def test_workers_share_one_pin_one_metrics_and_come_back(engine: PrivateDockerd,
         assert served >= 30, "the counts of every worker are summed"
 
         os.kill(first[1], signal.SIGKILL)
-        assert poll_until(lambda: len(workers(proc)) == 3 and first[1] not in workers(proc), 30), workers(proc)
+        assert poll_until(lambda: len(workers(proc)) == 3 and first[1] not in workers(proc), 30), \
+            (first, workers(proc), proc.log())  # the supervisor's and workers' own account of the restart
         assert all(get(proc, "/version", portainer, ctx) == 200 for _ in range(30))
         assert "TASK_FAILED worker 1" in proc.log()
     finally:
