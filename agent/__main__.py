@@ -49,12 +49,13 @@ def internals_found() -> bool:
     """The library internals the agent relies on are all there (one line for each that is not); a version
     other than the verified ones only warns."""
     gone = internals.missing()
-    running = ", ".join(f"{name} {v}" for name, v in internals.running_versions().items())
+    versions = internals.running_versions()
+    running = ", ".join(f"{name} {v}" for name, v in versions.items())
     for item in gone:
         log.error("%s %s is gone (running %s; verified with %s)", Code.INTERNALS_CHANGED.value, item, running,
                   ", ".join(f"{name} {v}" for name, v in internals.VERIFIED.items()))
     if not gone:
-        for item in internals.unverified():
+        for item in internals.unverified(versions):
             log.warning("%s %s: every internal the agent relies on was found", Code.INTERNALS_UNVERIFIED.value,
                         item)
     return not gone

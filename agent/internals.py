@@ -68,10 +68,11 @@ def running_versions() -> dict[str, str]:
     return found
 
 
-def unverified() -> list[str]:
-    """Each running version whose minor version is not the verified one, as `name running (verified: x.y)`."""
+def unverified(versions: dict[str, str]) -> list[str]:
+    """Each of `versions` (running_versions()) whose minor version is not the verified one, as
+    `name running (verified: x.y)`."""
     out = []
-    for name, running in running_versions().items():
+    for name, running in versions.items():
         if running != VERIFIED[name] and not running.startswith(VERIFIED[name] + "."):
             out.append(f"{name} {running} (verified: {VERIFIED[name]})")
     return out
