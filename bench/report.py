@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from bench.common import REFERENCES, RELAY
+from bench.common import REFERENCES, RELAY, ratio
 
 CONTAINERS = "/containers/json?all=1"
 
@@ -17,10 +17,9 @@ def _get(d: Any, *keys: str) -> Any:
     return d
 
 
-def _table_ratio(ov: dict[str, Any], group: str, name: str, base: str, key: str) -> float | None:
-    """One overhead table figure of `name` over the same of `base` (None when either is missing)."""
-    a, b = _get(ov, "table", group, name, key), _get(ov, "table", group, base, key)
-    return round(a / b, 3) if a and b else None
+def _table_ratio(ov: dict[str, Any], group: str, name: str, base: str, key: str) -> float:
+    """One overhead table figure of `name` over the same of `base` (0.0, left out, when either is missing)."""
+    return ratio(_get(ov, "table", group, name, key) or 0.0, _get(ov, "table", group, base, key) or 0.0)
 
 
 def targets(results: dict[str, Any]) -> dict[str, dict[str, Any]]:
