@@ -30,7 +30,7 @@ from pathlib import Path
 from typing import Any
 
 from bench import plots, report
-from bench.common import RELAY, REPO, RESULTS, Sizes, log, timed
+from bench.common import CHECKED, RELAY, REPO, RESULTS, Sizes, log, timed
 from tools.signer import Signer
 
 SCENARIOS = ("overhead", "streaming", "startup", "profile", "sim", "fanout", "recovery")
@@ -66,7 +66,7 @@ def _engine_scenarios(wanted: list[str], sizes: Sizes, results: dict[str, Any], 
                       outdir: Path, tree: Path | None, timings: dict[str, float]) -> None:
     from bench import overhead, profiling, startup, streaming
     from bench.engine import BenchAgent, chatty_container, create_containers, image_size, import_random_image
-    from bench.external import AsyncioRelay, HAProxy
+    from bench.external import AsyncioRelay, CheckedRelay, HAProxy
     from tools.dockerd import PrivateDockerd, new_run_id
 
     headers = signer.headers()
@@ -77,6 +77,7 @@ def _engine_scenarios(wanted: list[str], sizes: Sizes, results: dict[str, Any], 
     before: BenchAgent | None = None
     haproxy: HAProxy | None = None
     relay: AsyncioRelay | None = None
+    checked: CheckedRelay | None = None
     try:
         with timed(timings, "engine_setup_s"):
             engine.start()
@@ -91,8 +92,10 @@ def _engine_scenarios(wanted: list[str], sizes: Sizes, results: dict[str, Any], 
             try:
                 haproxy = HAProxy(root / "haproxy", str(engine.socket)).start()
                 relay = AsyncioRelay(root / "relay", str(engine.socket)).start()
-                targets = {"direct": direct, "agent": agent.url, "haproxy": haproxy.url, RELAY: relay.url}
-                pids = {"agent": agent.pid, "haproxy": haproxy.pid, RELAY: relay.pid}
+                checked = CheckedRelay(root / "checked-relay", str(engine.socket)).start()
+                targets = {"direct": direct, "agent": agent.url, "haproxy": haproxy.url, RELAY: relay.url,
+                           CHECKED: checked.url}
+                pids = {"agent": agent.pid, "haproxy": haproxy.pid, RELAY: relay.pid, CHECKED: checked.pid}
                 if before is not None:
                     targets["agent_before"] = before.url
                     pids["agent_before"] = before.pid
@@ -102,7 +105,7 @@ def _engine_scenarios(wanted: list[str], sizes: Sizes, results: dict[str, Any], 
             except Exception as exc:
                 results["overhead"] = _failed("overhead", exc)
             finally:
-                for reference in (haproxy, relay):
+                for reference in (haproxy, relay, checked):
                     if reference is not None:
                         reference.stop()
         image = "keelson-bench-random:latest"

@@ -24,9 +24,14 @@ PY = sys.executable
 RELAY = "asyncio_relay"
 """The name of bench/relay.py among the targets: TLS piped byte for byte to the socket, the floor of a Python
 asyncio server."""
+CHECKED = "checked_relay"
+"""bench/relay.py --checks among the targets: the relay plus the agent's per-request checks with the agent's own
+code (request head parsed, signature, target, headers) and nothing else: the floor of any agent in Python."""
 REFERENCES = ("haproxy", RELAY)
 """Servers that move the same bytes through TLS without the agent's work: HAProxy (C, OpenSSL) shows what TLS
 itself costs here, the asyncio relay what TLS in asyncio costs."""
+REQUEST_REFERENCES = (*REFERENCES, CHECKED)
+"""The references of the per-request scenario: also the relay with the agent's checks."""
 
 
 def log(msg: str) -> None:

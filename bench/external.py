@@ -10,7 +10,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Self
 
 from agent.tls import self_signed_pem
 from agent.workers import available_cpus
@@ -121,8 +121,9 @@ class AsyncioRelay(_Reference):
     self-signed certificate) piped byte for byte to the Docker socket, one process per worker."""
 
     name = "relay"
+    options: tuple[str, ...] = ()
 
-    def start(self) -> AsyncioRelay:
+    def start(self) -> Self:
         self.workdir.mkdir(parents=True, exist_ok=True)
         cert, key = self_signed_pem(["127.0.0.1"])
         (self.workdir / "cert.pem").write_bytes(cert)
@@ -131,9 +132,17 @@ class AsyncioRelay(_Reference):
         (self.workdir / "key.pem").chmod(0o600)
         self._launch([sys.executable, "-m", "bench.relay", "--cert", str(self.workdir / "cert.pem"),
                       "--key", str(self.workdir / "key.pem"), "--socket", self.socket_path,
-                      "--port", str(self.port), "--processes", str(self.workers)],
+                      "--port", str(self.port), "--processes", str(self.workers), *self.options],
                      cwd=Path(__file__).resolve().parent.parent)
         return self
+
+
+class CheckedRelay(AsyncioRelay):
+    """bench/relay.py --checks: the relay plus what the agent cannot leave out of a request (parse, signature,
+    target, headers), with the agent's own code and nothing around it."""
+
+    name = "checked_relay"
+    options = ("--checks",)
 
 
 def hey(url: str, headers: dict[str, str], concurrency: int, requests: int, timeout: float = 120.0,

@@ -10,7 +10,7 @@ import statistics
 from typing import Any
 
 from bench import loadgen
-from bench.common import RELAY, Sizes, log, ratio
+from bench.common import CHECKED, RELAY, Sizes, log, ratio
 from bench.external import hey
 from tools.procs import tree_cpu_seconds
 
@@ -93,8 +93,9 @@ def run(targets: dict[str, str], headers: dict[str, str], sizes: Sizes, rounds: 
                     f"p50 {res.get('p50_ms', 0)} ms")
             key = f"{path} c=64"
             hey_table[key] = row
-            if RELAY in row and "haproxy" in row:
-                hey_ratios[f"{key} {RELAY}/haproxy"] = ratio(row[RELAY].get("rps", 0), row["haproxy"].get("rps", 0))
+            for ref in (RELAY, CHECKED):
+                if ref in row and "haproxy" in row:
+                    hey_ratios[f"{key} {ref}/haproxy"] = ratio(row[ref].get("rps", 0), row["haproxy"].get("rps", 0))
             if "agent" in row and "haproxy" in row:
                 hey_ratios[key] = ratio(row["agent"].get("rps", 0), row["haproxy"].get("rps", 0))
                 if row["agent"].get("cpu_us_per_request") and row["haproxy"].get("cpu_us_per_request"):
@@ -147,12 +148,13 @@ def fixed_rate_cpu(targets: dict[str, str], headers: dict[str, str], sizes: Size
         if "agent" in row and "haproxy" in row:
             ratios[f"{key} agent/haproxy"] = ratio(row["agent"]["cpu_us_per_request"],
                                                    row["haproxy"]["cpu_us_per_request"])
-        if "agent" in row and RELAY in row:
-            ratios[f"{key} agent/{RELAY}"] = ratio(row["agent"]["cpu_us_per_request"],
-                                                   row[RELAY]["cpu_us_per_request"])
-        if RELAY in row and "haproxy" in row:
-            ratios[f"{key} {RELAY}/haproxy"] = ratio(row[RELAY]["cpu_us_per_request"],
-                                                     row["haproxy"]["cpu_us_per_request"])
+        for ref in (RELAY, CHECKED):
+            if "agent" in row and ref in row:
+                ratios[f"{key} agent/{ref}"] = ratio(row["agent"]["cpu_us_per_request"],
+                                                     row[ref]["cpu_us_per_request"])
+            if ref in row and "haproxy" in row:
+                ratios[f"{key} {ref}/haproxy"] = ratio(row[ref]["cpu_us_per_request"],
+                                                       row["haproxy"]["cpu_us_per_request"])
         if "agent" in row and "agent_before" in row:
             ratios[f"{key} after/before"] = ratio(row["agent"]["cpu_us_per_request"],
                                                   row["agent_before"]["cpu_us_per_request"])

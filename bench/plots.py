@@ -12,10 +12,10 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 
-from bench.common import RELAY
+from bench.common import CHECKED, RELAY
 
 COLORS = {"direct": "#4c72b0", "agent": "#dd8452", "haproxy": "#55a868", "agent_before": "#c44e52",
-          RELAY: "#8172b3"}
+          RELAY: "#8172b3", CHECKED: "#937860"}
 
 
 def _bars(ax: Any, groups: list[str], series: dict[str, list[float]], ylabel: str, title: str) -> None:
@@ -45,7 +45,7 @@ def overhead(result: dict[str, Any], path: Path) -> None:
           "throughput, concurrency 64")
     axes[2].set_yscale("log")
     fig.suptitle("Per-request overhead: Docker socket direct vs agent (TLS, signed) vs HAProxy (TLS) vs asyncio relay "
-                 "(TLS, bytes only)")
+                 "(TLS, bytes only) vs the relay with the agent's checks")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)

@@ -1,6 +1,6 @@
-"""The floor of the per-request benchmarks: the least a Python asyncio server in front of the Docker socket does.
+"""The floors of the per-request benchmarks: the least a Python asyncio server in front of the Docker socket does.
 
-    python -m bench.relay --cert PEM --key PEM --socket DOCKER_SOCK --port PORT [--processes N]
+    python -m bench.relay --cert PEM --key PEM --socket DOCKER_SOCK --port PORT [--processes N] [--checks]
 
 TLS on 127.0.0.1:PORT (asyncio's own SSL transport), and each client connection piped byte for byte to a
 connection of its own on the Docker socket, both ways, with flow control: no HTTP parsing, no checks, no
@@ -8,18 +8,38 @@ header rewriting, no task per request, no metrics. What the agent spends per req
 own work (parsing, signature, routing, headers, metrics); what this relay spends above HAProxy is the price of
 asyncio and Python. N processes share the port with SO_REUSEPORT, as the agent's workers do; the first is
 the parent of the others, so its process tree holds them all.
+
+With --checks, the relay also does what no agent can leave out of a request, with the agent's own code and
+nothing around it: each request head parsed by aiohttp's C parser, its signature checked (agent.auth, the
+first key that verifies is pinned, then a cache look-up), its target normalised and classified
+(proxy.target, proxy.routing), its headers filtered and X-Forwarded-For added (proxy.forward), a new head
+written to the engine; the engine's answer head gets the agent's headers. Still no task per request, no
+connection pool, no response parsing (the engine's framing goes through as it is), no metrics. It serves
+callers that send one request at a time per connection, as the benchmarks' clients do: the answer head it
+rewrites is the first thing the engine sends after a request.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import json
 import os
 import signal
 import ssl
 import sys
+from typing import Any, cast
 
+from aiohttp.http_parser import HttpRequestParser
+
+from agent.auth import HEADER_PUBLIC_KEY, HEADER_SIGNATURE, SignatureVerifier, Verdict
+from agent.server import AGENT_HEADERS, MAX_LINE
 from agent.workers import available_cpus, end_with_parent
+from proxy.forward import forwarded_headers
+from proxy.routing import classify
+from proxy.target import BadTarget, parse_target
+
+_AGENT_HEADERS = "".join(f"{name}: {value}\r\n" for name, value in AGENT_HEADERS).encode()
 
 
 class _Side(asyncio.Protocol):
@@ -62,6 +82,8 @@ class _Side(asyncio.Protocol):
 
 
 class _Client(_Side):
+    engine_side: type[_Side] = _Side
+
     def __init__(self, socket_path: str) -> None:
         super().__init__()
         self.socket_path = socket_path
@@ -74,7 +96,7 @@ class _Client(_Side):
 
     async def _connect(self) -> None:
         try:
-            _, engine = await asyncio.get_running_loop().create_unix_connection(_Side, self.socket_path)
+            _, engine = await asyncio.get_running_loop().create_unix_connection(self.engine_side, self.socket_path)
         except OSError:
             if self.transport is not None:
                 self.transport.close()
@@ -91,12 +113,91 @@ class _Client(_Side):
             self.pending.clear()
 
 
+class _CheckedEngine(_Side):
+    """The engine end with --checks: the agent's headers go into each answer head."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.answered = 0
+        """Answer heads rewritten so far (the client end counts the requests sent)."""
+        self._head = bytearray()
+
+    def data_received(self, data: bytes) -> None:
+        if isinstance(self.other, _CheckedClient) and self.other.sent > self.answered:
+            self._head += data
+            end = self._head.find(b"\r\n\r\n")
+            if end < 0:
+                return
+            self.answered += 1
+            data = bytes(self._head[:end + 2]) + _AGENT_HEADERS + bytes(self._head[end + 2:])
+            self._head.clear()
+        super().data_received(data)
+
+
+class _CheckedClient(_Client):
+    """The client end with --checks (see the module doc)."""
+
+    engine_side = _CheckedEngine
+
+    def __init__(self, socket_path: str, verifier: SignatureVerifier) -> None:
+        super().__init__(socket_path)
+        self.verifier = verifier
+        self._buffer = bytearray()
+        self._parser: Any = None
+        self._peer: str | None = None
+        self.sent = 0
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        super().connection_made(transport)
+        peer = transport.get_extra_info("peername")
+        self._peer = peer[0] if peer else None
+        self._parser = HttpRequestParser(cast(Any, self), asyncio.get_running_loop(), 2**16,
+                                         max_line_size=MAX_LINE, max_field_size=MAX_LINE, auto_decompress=False)
+
+    def data_received(self, data: bytes) -> None:
+        self._buffer += data
+        while self.transport is not None and (end := self._buffer.find(b"\r\n\r\n")) >= 0:
+            head = bytes(self._buffer[:end + 4])
+            del self._buffer[:end + 4]
+            self._request(head)
+
+    def _request(self, raw: bytes) -> None:
+        try:
+            messages, _upgraded, _tail = self._parser.feed_data(raw)
+            message, _payload = messages[0]
+            target = parse_target(message.path)
+        except (BadTarget, ValueError, IndexError) as exc:  # aiohttp's parse errors are ValueErrors
+            self._refuse(400, f"bad request: {exc}")
+            return
+        headers = message.headers
+        verdict = self.verifier.check(headers.get(HEADER_PUBLIC_KEY), headers.get(HEADER_SIGNATURE))
+        if verdict is not Verdict.OK:
+            self._refuse(403, f"Unauthorized: {verdict.value}")
+            return
+        classify(message.method, target.route_path)  # one engine: every route ends on it
+        lines = [f"{message.method} {target.forward_path(target.version)} HTTP/1.1", "Host: docker"]
+        lines += [f"{name}: {value}" for name, value in forwarded_headers(headers, self._peer).items()]
+        self.sent += 1
+        super().data_received(("\r\n".join(lines) + "\r\n\r\n").encode("utf-8", "surrogateescape"))
+
+    def _refuse(self, status: int, text: str) -> None:
+        body = json.dumps({"message": text}).encode()
+        assert self.transport is not None
+        self.transport.write(b"HTTP/1.1 %d Refused\r\nContent-Type: application/json\r\n%bContent-Length: %d\r\n"
+                             b"Connection: close\r\n\r\n%b" % (status, _AGENT_HEADERS, len(body), body))
+        self.transport.close()
+
+
 async def _serve(args: argparse.Namespace) -> None:
     ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
     ctx.load_cert_chain(args.cert, args.key)
     loop = asyncio.get_running_loop()
-    server = await loop.create_server(lambda: _Client(args.socket), "127.0.0.1", args.port, ssl=ctx,
-                                      reuse_port=True, backlog=1024)
+    verifier = SignatureVerifier()
+
+    def client() -> _Client:
+        return _CheckedClient(args.socket, verifier) if args.checks else _Client(args.socket)
+
+    server = await loop.create_server(client, "127.0.0.1", args.port, ssl=ctx, reuse_port=True, backlog=1024)
     stop = asyncio.Event()
     loop.add_signal_handler(signal.SIGTERM, stop.set)
     async with server:
@@ -110,6 +211,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--socket", required=True)
     parser.add_argument("--port", type=int, required=True)
     parser.add_argument("--processes", type=int, default=available_cpus())
+    parser.add_argument("--checks", action="store_true", help="also the agent's per-request checks (module doc)")
     args = parser.parse_args(argv)
     children = []
     parent = os.getpid()

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from bench.common import REFERENCES, RELAY, ratio
+from bench.common import CHECKED, REFERENCES, RELAY, REQUEST_REFERENCES, ratio
 
 CONTAINERS = "/containers/json?all=1"
 
@@ -38,15 +38,15 @@ def targets(results: dict[str, Any]) -> dict[str, dict[str, Any]]:
     ov = results.get("overhead") or {}
     group = f"{CONTAINERS} c=1"
     add("p50 agent/direct, /containers/json c=1", _get(ov, "ratios", group, "p50_agent/direct"), "<=", 1.15,
-        {ref: _table_ratio(ov, group, ref, "direct", "p50_ms") for ref in REFERENCES})
+        {ref: _table_ratio(ov, group, ref, "direct", "p50_ms") for ref in REQUEST_REFERENCES})
     # /_ping is the agent's whole per-request cost against HAProxy's (the engine answers in no time): 0.75x;
     # where the engine does work, the agent must keep up with HAProxy.
     for path, bound in (("/_ping", 0.75), ("/version", 1.0), (CONTAINERS, 1.0)):
         group = f"{path} c=64"
         add(f"req/s agent/haproxy, {path} c=64 (bench.loadgen)", _get(ov, "ratios", group, "rps_agent/haproxy"),
-            ">=", bound, {RELAY: _table_ratio(ov, group, RELAY, "haproxy", "rps")})
+            ">=", bound, {ref: _table_ratio(ov, group, ref, "haproxy", "rps") for ref in (RELAY, CHECKED)})
         add(f"req/s agent/haproxy, {path} c=64 (hey)", _get(ov, "hey_ratios", group), ">=", bound,
-            {RELAY: _get(ov, "hey_ratios", f"{group} {RELAY}/haproxy")})
+            {ref: _get(ov, "hey_ratios", f"{group} {ref}/haproxy") for ref in (RELAY, CHECKED)})
     st = results.get("streaming") or {}
     for case in ("save", "logs"):
         add(f"MB/s agent/direct, {case} (docker CLI)", _get(st, case, "mbps_agent/direct"), ">=", 0.9,
@@ -90,8 +90,8 @@ def markdown(results: dict[str, Any]) -> str:
             lines.append("hey (Go client), concurrency 64, req/s: " + "; ".join(
                 f"`{k}` " + ", ".join(f"{n} {v.get('rps', 0):.0f}" for n, v in row.items())
                 + f" (agent/haproxy {ov.get('hey_ratios', {}).get(k)}"
-                + (f", {RELAY}/haproxy {ov['hey_ratios'][f'{k} {RELAY}/haproxy']}"
-                   if f"{k} {RELAY}/haproxy" in ov.get("hey_ratios", {}) else "") + ")"
+                + "".join(f", {ref}/haproxy {ov['hey_ratios'][f'{k} {ref}/haproxy']}"
+                          for ref in (RELAY, CHECKED) if f"{k} {ref}/haproxy" in ov.get("hey_ratios", {})) + ")"
                 for k, row in ov["hey"].items()))
             if ov.get("cpu_ratios"):
                 lines.append("")
@@ -108,7 +108,7 @@ def markdown(results: dict[str, Any]) -> str:
                              f"`{k}` " + ", ".join(f"{n} {v['cpu_us_per_request']}" for n, v in row.items())
                              + "".join(f" ({what} {fixed['ratios'][f'{k} {what}']})"
                                        for what in ("agent/haproxy", f"agent/{RELAY}", f"{RELAY}/haproxy",
-                                                    "after/before")
+                                                    f"agent/{CHECKED}", f"{CHECKED}/haproxy", "after/before")
                                        if f"{k} {what}" in fixed["ratios"])
                              for k, row in fixed["table"].items()))
         lines.append("")

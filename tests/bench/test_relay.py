@@ -1,6 +1,7 @@
-"""The benchmarks' floor reference (bench/relay.py) in front of the session's dockerd: what it relays is the
-engine's own answer, several requests go over one kept-alive connection, and stopping it stops every process
-it forked."""
+"""The benchmarks' floor references (bench/relay.py) in front of the session's dockerd: what the relay relays
+is the engine's own answer, several requests go over one kept-alive connection, and stopping it stops every
+process it forked; with --checks, only a signed request reaches the engine and its answers carry the agent's
+headers."""
 
 from __future__ import annotations
 
@@ -9,9 +10,10 @@ from pathlib import Path
 
 import pytest
 
-from bench.external import AsyncioRelay
+from bench.external import AsyncioRelay, CheckedRelay
 from tools.dockerd import PrivateDockerd
 from tools.procs import alive, descendants
+from tools.signer import Signer
 
 
 @pytest.mark.timeout(120)
@@ -67,3 +69,44 @@ def test_the_docker_cli_reaches_the_engine_through_the_relay(engine: PrivateDock
         assert res.stdout.strip() == direct.stdout.strip() != ""
     finally:
         relay.stop()
+
+
+@pytest.mark.timeout(120)
+def test_the_checked_relay_serves_signed_requests_only_with_the_agent_headers(engine: PrivateDockerd,
+                                                                               tmp_path: Path) -> None:
+    import http.client
+    import json
+
+    relay = CheckedRelay(tmp_path / "checked", str(engine.socket), workers=1).start()
+    ctx = ssl.create_default_context()
+    ctx.check_hostname = False
+    ctx.verify_mode = ssl.CERT_NONE
+    portainer, intruder = Signer(), Signer()
+    try:
+        conn = http.client.HTTPSConnection("127.0.0.1", relay.port, timeout=30, context=ctx)
+        first_socket = None
+        for path in ("/_ping", "/v1.41/containers/json?all=1", "/version", "/containers/json?all=1"):
+            conn.request("GET", path, headers=portainer.headers())
+            response = conn.getresponse()
+            body = response.read()
+            assert response.status == 200, (path, body[:200])
+            assert response.getheader("Portainer-Agent") and response.getheader("Portainer-Agent-Platform") == "1"
+            first_socket = first_socket or conn.sock
+            assert conn.sock is first_socket  # the same kept-alive connection
+            if path == "/_ping":
+                assert body == b"OK"
+            elif path == "/version":
+                assert "ApiVersion" in json.loads(body)
+            else:
+                assert isinstance(json.loads(body), list)
+        conn.close()
+        for headers in ({}, intruder.headers()):  # unsigned; signed by a key other than the pinned one
+            conn = http.client.HTTPSConnection("127.0.0.1", relay.port, timeout=30, context=ctx)
+            conn.request("GET", "/_ping", headers=headers)
+            response = conn.getresponse()
+            assert response.status == 403
+            assert "message" in json.loads(response.read())
+            conn.close()
+    finally:
+        relay.stop()
+    assert not alive(relay.pid)
