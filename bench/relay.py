@@ -28,8 +28,10 @@ import os
 import signal
 import ssl
 import sys
+from http import HTTPStatus
 from typing import Any, cast
 
+from aiohttp.http_exceptions import HttpProcessingError
 from aiohttp.http_parser import HttpRequestParser
 
 from agent.auth import HEADER_PUBLIC_KEY, HEADER_SIGNATURE, SignatureVerifier, Verdict
@@ -166,7 +168,7 @@ class _CheckedClient(_Client):
             messages, _upgraded, _tail = self._parser.feed_data(raw)
             message, _payload = messages[0]
             target = parse_target(message.path)
-        except (BadTarget, ValueError, IndexError) as exc:  # aiohttp's parse errors are ValueErrors
+        except (HttpProcessingError, BadTarget, IndexError) as exc:
             self._refuse(400, f"bad request: {exc}")
             return
         headers = message.headers
@@ -183,8 +185,9 @@ class _CheckedClient(_Client):
     def _refuse(self, status: int, text: str) -> None:
         body = json.dumps({"message": text}).encode()
         assert self.transport is not None
-        self.transport.write(b"HTTP/1.1 %d Refused\r\nContent-Type: application/json\r\n%bContent-Length: %d\r\n"
-                             b"Connection: close\r\n\r\n%b" % (status, _AGENT_HEADERS, len(body), body))
+        head = f"HTTP/1.1 {status} {HTTPStatus(status).phrase}\r\nContent-Type: application/json\r\n"
+        self.transport.write(head.encode() + _AGENT_HEADERS + b"Content-Length: %d\r\nConnection: close\r\n\r\n%b"
+                             % (len(body), body))
         self.transport.close()
 
 

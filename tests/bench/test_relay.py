@@ -107,6 +107,15 @@ def test_the_checked_relay_serves_signed_requests_only_with_the_agent_headers(en
             assert response.status == 403
             assert "message" in json.loads(response.read())
             conn.close()
+        import socket
+
+        with ctx.wrap_socket(socket.create_connection(("127.0.0.1", relay.port), timeout=30)) as raw:
+            raw.sendall(b"GET /_ping HTTP/1.1\r\nHost: x\r\nno colon in this line\r\n\r\n")
+            answer = b""
+            while chunk := raw.recv(65536):  # the relay closes after a refusal
+                answer += chunk
+        assert answer.startswith(b"HTTP/1.1 400 Bad Request\r\n"), answer[:200]
+        assert "message" in json.loads(answer.split(b"\r\n\r\n", 1)[1])
     finally:
         relay.stop()
     assert not alive(relay.pid)
