@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import ctypes
 import dataclasses
 import json
 import logging
@@ -37,6 +36,7 @@ from agent.auth import PinFile
 from agent.cluster.membership import Member, StaticMembership
 from agent.engine import EngineInfo
 from agent.errors import Code, log_failure
+from agent.lifetime import die_with_parent
 
 log = logging.getLogger(__name__)
 
@@ -47,7 +47,6 @@ VIEW_WAIT = 60.0
 RUN_DIR = ".run"
 """Below DATA_PATH: the pin, the cluster view, the metrics files, the workers' ready marks."""
 STOP_GRACE = 10.0
-PR_SET_PDEATHSIG = 1
 RESTART_PAUSE = 1.0
 
 
@@ -149,10 +148,7 @@ async def follow_view(state: Any, membership: StaticMembership, path: Path, firs
 
 def end_with_parent(parent: int) -> None:
     """A worker whose supervisor is killed (SIGKILL, no forwarding) gets SIGTERM: no orphan keeps the port."""
-    with contextlib.suppress(OSError, AttributeError):
-        libc = ctypes.CDLL(None, use_errno=True)
-        libc.prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
-    if os.getppid() != parent:  # the supervisor died before prctl took effect
+    if not die_with_parent(parent):  # the supervisor died before that took effect
         os.kill(os.getpid(), signal.SIGTERM)
 
 

@@ -24,6 +24,7 @@ from typing import Any
 from agent.cluster.membership import ROLE_WORKER, Member, MembersListener
 from agent.cluster.serf_rpc import Record, SerfMember, SerfRPCClient, SerfRPCError, decode_member
 from agent.errors import Code, log_failure
+from agent.lifetime import child_of_this_process
 from agent.netaddr import host_port, split_host_port
 from agent.tasks import spawn, supervise
 
@@ -378,6 +379,7 @@ class SerfMembership:
             stdout=asyncio.subprocess.PIPE,
             stderr=asyncio.subprocess.STDOUT,
             limit=1 << 20,
+            preexec_fn=child_of_this_process(),  # a killed worker must not leave its serf holding the port
         )
         self._proc, self._rpc_port = proc, rpc_port
         self._spawn_task(self._pump_log(proc), "serf-log")

@@ -19,7 +19,7 @@ from typing import Any
 import pytest
 
 from tools.dockerd import DOCKER_CLI
-from tools.procs import descendants
+from tools.procs import alive, descendants, proc_stat
 from tools.swarm import SwarmCluster
 
 FANOUT_DEADLINE = "2s"
@@ -256,6 +256,27 @@ def test_killed_serf_child_is_recovered(cluster: SwarmCluster) -> None:
     everyone = {n.name for n in cluster}
     wait_until(lambda: _members(cluster, 2) == everyone and _members(cluster, 1) == everyone,
                what="membership complete after the serf restart")
+
+
+def test_a_killed_primary_worker_comes_back_with_one_serf(cluster: SwarmCluster) -> None:
+    """The worker that runs Serf killed outright (SIGKILL, the OOM killer): its serf goes with it, the
+    supervisor starts the worker again, and the new serf (the only one) rejoins the cluster."""
+    agent_pid = cluster.node(2).agent_pid
+    assert agent_pid is not None
+    old = _serf_child(agent_pid)
+    assert old is not None
+    stat = proc_stat(old)
+    assert stat is not None
+    primary = int(stat[1])  # the serf's parent: the primary worker
+    assert primary != agent_pid
+    os.kill(primary, signal.SIGKILL)
+    wait_until(lambda: not alive(old), what="the killed worker's serf ends with it")
+    new = wait_until(lambda: (c := _serf_child(agent_pid)) not in (None, old) and c, what="a new serf child")
+    everyone = {n.name for n in cluster}
+    wait_until(lambda: _members(cluster, 2) == everyone and _members(cluster, 1) == everyone,
+               what="membership complete after the worker's restart")
+    serfs = [p for p in descendants(agent_pid) if (proc_stat(p) or ["", ""])[1] != str(agent_pid)]
+    assert serfs == [new], "one serf per node"
 
 
 async def test_console_websocket_to_a_container_on_another_node(cluster: SwarmCluster,

@@ -6,6 +6,7 @@ import asyncio
 import logging
 import os
 import signal
+from pathlib import Path
 
 import pytest
 
@@ -186,3 +187,49 @@ async def test_a_node_alone_keeps_joining_until_the_others_exist(make_node: Node
     await wait_until(lambda: {m.node_name for m in lonely.members()} == {"early", "late"},
                      "the early node found the late one")
     await wait_until(lambda: {m.node_name for m in late.members()} == {"early", "late"}, "and the other way")
+
+
+_OWNER = """
+import asyncio, sys
+from pathlib import Path
+from agent.cluster.serf import SerfMembership
+
+async def main() -> None:
+    node = SerfMembership(node_name="owner", bind_ip=sys.argv[1], bind_port=int(sys.argv[2]),
+                          data_dir=Path(sys.argv[3]), serf_binary=sys.argv[4], hostname="test")
+    await node.start()
+    print(node.pid, flush=True)
+    await asyncio.sleep(3600)
+
+asyncio.run(main())
+"""
+
+
+def test_the_serf_child_ends_with_a_killed_owner(serf_binary: str, tmp_path: Path) -> None:
+    """A worker killed outright (SIGKILL, the OOM killer) must not leave its serf holding the gossip port."""
+    import subprocess
+    import sys
+    import time
+
+    from tools.procs import alive
+
+    ip, port = free_address()
+    owner = subprocess.Popen([sys.executable, "-c", _OWNER, ip, str(port), str(tmp_path / "serf"), serf_binary],
+                             stdout=subprocess.PIPE, text=True, cwd=Path(__file__).resolve().parents[2])
+    serf_pid = 0
+    try:
+        assert owner.stdout is not None
+        serf_pid = int(owner.stdout.readline())
+        assert alive(serf_pid)
+        os.kill(owner.pid, signal.SIGKILL)
+        owner.wait(timeout=10)
+        deadline = time.monotonic() + 10  # a bound on correctness, not a timing
+        while alive(serf_pid) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert not alive(serf_pid), "the serf child outlived the process that started it"
+    finally:
+        if owner.poll() is None:
+            owner.kill()
+            owner.wait()
+        if serf_pid and alive(serf_pid):
+            os.kill(serf_pid, signal.SIGKILL)  # the child our test process's child started, by its PID
