@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import signal
 import ssl
+import sys
 import time
 import urllib.error
 import urllib.request
@@ -24,6 +25,28 @@ pytestmark = pytest.mark.engine
 def workers(proc: AgentProcess) -> list[int]:
     assert proc.proc is not None
     return [p for p in descendants(proc.proc.pid) if "serf" not in " ".join(cmdline(p))]
+
+
+def where_is(pid: int) -> str:
+    """A process's state, kernel wait channel and Python stack (py-spy, a dev extra), for a failure message."""
+    import shutil
+    import subprocess
+
+    out = []
+    for name in ("status", "wchan", "stack"):
+        try:
+            text = Path(f"/proc/{pid}/{name}").read_text()
+        except OSError as exc:
+            text = repr(exc)
+        out.append(next((line for line in text.splitlines() if line.startswith("State:")), text)
+                   if name == "status" else f"{name}: {text.strip()}")
+    spy = shutil.which("py-spy") or str(Path(sys.executable).with_name("py-spy"))
+    try:
+        dump = subprocess.run([spy, "dump", "--pid", str(pid)], capture_output=True, text=True, timeout=30)
+        out.append(dump.stdout + dump.stderr)
+    except (OSError, subprocess.TimeoutExpired) as exc:
+        out.append(f"py-spy: {exc!r}")
+    return "\n".join(out)
 
 
 def get(proc: AgentProcess, path: str, signer: Signer, ctx: ssl.SSLContext) -> int:
@@ -56,8 +79,9 @@ def test_workers_share_one_pin_one_metrics_and_come_back(engine: PrivateDockerd,
         assert served >= 30, "the counts of every worker are summed"
 
         os.kill(first[1], signal.SIGKILL)
+        # On failure: the supervisor's and workers' own account of the restart, and where the supervisor is.
         assert poll_until(lambda: len(workers(proc)) == 3 and first[1] not in workers(proc), 30), \
-            (first, workers(proc), proc.log())  # the supervisor's and workers' own account of the restart
+            (first, workers(proc), proc.log(), where_is(proc.proc.pid))
         assert all(get(proc, "/version", portainer, ctx) == 200 for _ in range(30))
         assert "TASK_FAILED worker 1" in proc.log()
     finally:
