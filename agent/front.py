@@ -30,7 +30,7 @@ from multidict import CIMultiDictProxy
 from agent.auth import HEADER_PUBLIC_KEY, HEADER_SIGNATURE, Verdict
 from agent.connguard import GuardedProtocol
 from agent.errors import Code, log_failure
-from agent.server import AGENT_HEADERS, MAX_LINE, engine_path
+from agent.server import AGENT_HEADER_LINES, MAX_LINE, engine_path
 from agent.state import AgentState
 from proxy.forward import forwarded_headers, pipe_body, response_headers, unreachable_text
 from proxy.h1 import ConnectFailed
@@ -46,7 +46,6 @@ PIPELINE_LIMIT = 2**16
 """Bytes of requests sent ahead while one is being answered; reading pauses above it."""
 NO_BODY_STATUS = frozenset((204, 304))
 _HTTP11 = aiohttp.HttpVersion11
-_AGENT_HEADERS = "".join(f"{name}: {value}\r\n" for name, value in AGENT_HEADERS)
 _LABEL = "local"
 
 
@@ -284,7 +283,7 @@ class FrontProtocol(asyncio.Protocol):
             lines = [f"HTTP/1.1 {status} {answer.reason or ''}\r\n"]
             for name, value in response_headers(answer.headers).items():
                 lines.append(f"{name}: {value}\r\n")
-            lines.append(_AGENT_HEADERS)
+            lines.append(AGENT_HEADER_LINES)
             chunked = False
             if status in NO_BODY_STATUS or status < 200:
                 pass
@@ -335,7 +334,7 @@ class FrontProtocol(asyncio.Protocol):
         body = json.dumps({"message": text}).encode()
         close = "" if keep_alive else "Connection: close\r\n"
         head = (f"HTTP/1.1 {status} {HTTPStatus(status).phrase}\r\n"
-                f"Content-Type: application/json; charset=utf-8\r\n{_AGENT_HEADERS}"
+                f"Content-Type: application/json; charset=utf-8\r\n{AGENT_HEADER_LINES}"
                 f"Content-Length: {len(body)}\r\n{close}\r\n")
         self.transport.write(head.encode() + body)
 

@@ -49,6 +49,8 @@ def request_target(request: web.Request) -> Target:
 AGENT_HEADERS = (("Portainer-Agent", VERSION), ("Portainer-Agent-API-Version", API_VERSION),
                  ("Portainer-Agent-Platform", PLATFORM_DOCKER))
 """What every answer but /key's carries (docs/protocol.md)."""
+AGENT_HEADER_LINES = "".join(f"{name}: {value}\r\n" for name, value in AGENT_HEADERS)
+"""The same as lines of a raw HTTP head (the lean front writes its heads itself)."""
 MAX_LINE = 65536
 """The request line and each header field may hold this many bytes."""
 

@@ -30,7 +30,9 @@ code (request head parsed, signature, target, headers) and nothing else: the flo
 REFERENCES = ("haproxy", RELAY)
 """Servers that move the same bytes through TLS without the agent's work: HAProxy (C, OpenSSL) shows what TLS
 itself costs here, the asyncio relay what TLS in asyncio costs."""
-REQUEST_REFERENCES = (*REFERENCES, CHECKED)
+RELAYS = (RELAY, CHECKED)
+"""The Python floors (bench/relay.py without and with --checks), compared with HAProxy."""
+REQUEST_REFERENCES = ("haproxy", *RELAYS)
 """The references of the per-request scenario: also the relay with the agent's checks."""
 
 

@@ -10,7 +10,7 @@ import statistics
 from typing import Any
 
 from bench import loadgen
-from bench.common import CHECKED, RELAY, Sizes, log, ratio
+from bench.common import RELAYS, Sizes, log, ratio
 from bench.external import hey
 from tools.procs import tree_cpu_seconds
 
@@ -93,7 +93,7 @@ def run(targets: dict[str, str], headers: dict[str, str], sizes: Sizes, rounds: 
                     f"p50 {res.get('p50_ms', 0)} ms")
             key = f"{path} c=64"
             hey_table[key] = row
-            for ref in (RELAY, CHECKED):
+            for ref in RELAYS:
                 if ref in row and "haproxy" in row:
                     hey_ratios[f"{key} {ref}/haproxy"] = ratio(row[ref].get("rps", 0), row["haproxy"].get("rps", 0))
             if "agent" in row and "haproxy" in row:
@@ -148,7 +148,7 @@ def fixed_rate_cpu(targets: dict[str, str], headers: dict[str, str], sizes: Size
         if "agent" in row and "haproxy" in row:
             ratios[f"{key} agent/haproxy"] = ratio(row["agent"]["cpu_us_per_request"],
                                                    row["haproxy"]["cpu_us_per_request"])
-        for ref in (RELAY, CHECKED):
+        for ref in RELAYS:
             if "agent" in row and ref in row:
                 ratios[f"{key} agent/{ref}"] = ratio(row["agent"]["cpu_us_per_request"],
                                                      row[ref]["cpu_us_per_request"])

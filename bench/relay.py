@@ -35,13 +35,13 @@ from aiohttp.http_exceptions import HttpProcessingError
 from aiohttp.http_parser import HttpRequestParser
 
 from agent.auth import HEADER_PUBLIC_KEY, HEADER_SIGNATURE, SignatureVerifier, Verdict
-from agent.server import AGENT_HEADERS, MAX_LINE
+from agent.server import AGENT_HEADER_LINES, MAX_LINE
 from agent.workers import available_cpus, end_with_parent
 from proxy.forward import forwarded_headers
 from proxy.routing import classify
 from proxy.target import BadTarget, parse_target
 
-_AGENT_HEADERS = "".join(f"{name}: {value}\r\n" for name, value in AGENT_HEADERS).encode()
+_AGENT_HEADERS = AGENT_HEADER_LINES.encode()
 
 
 class _Side(asyncio.Protocol):

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from bench.common import CHECKED, REFERENCES, RELAY, REQUEST_REFERENCES, ratio
+from bench.common import CHECKED, REFERENCES, RELAY, RELAYS, REQUEST_REFERENCES, ratio
 
 CONTAINERS = "/containers/json?all=1"
 
@@ -44,9 +44,9 @@ def targets(results: dict[str, Any]) -> dict[str, dict[str, Any]]:
     for path, bound in (("/_ping", 0.75), ("/version", 1.0), (CONTAINERS, 1.0)):
         group = f"{path} c=64"
         add(f"req/s agent/haproxy, {path} c=64 (bench.loadgen)", _get(ov, "ratios", group, "rps_agent/haproxy"),
-            ">=", bound, {ref: _table_ratio(ov, group, ref, "haproxy", "rps") for ref in (RELAY, CHECKED)})
+            ">=", bound, {ref: _table_ratio(ov, group, ref, "haproxy", "rps") for ref in RELAYS})
         add(f"req/s agent/haproxy, {path} c=64 (hey)", _get(ov, "hey_ratios", group), ">=", bound,
-            {ref: _get(ov, "hey_ratios", f"{group} {ref}/haproxy") for ref in (RELAY, CHECKED)})
+            {ref: _get(ov, "hey_ratios", f"{group} {ref}/haproxy") for ref in RELAYS})
     st = results.get("streaming") or {}
     for case in ("save", "logs"):
         add(f"MB/s agent/direct, {case} (docker CLI)", _get(st, case, "mbps_agent/direct"), ">=", 0.9,
@@ -91,7 +91,7 @@ def markdown(results: dict[str, Any]) -> str:
                 f"`{k}` " + ", ".join(f"{n} {v.get('rps', 0):.0f}" for n, v in row.items())
                 + f" (agent/haproxy {ov.get('hey_ratios', {}).get(k)}"
                 + "".join(f", {ref}/haproxy {ov['hey_ratios'][f'{k} {ref}/haproxy']}"
-                          for ref in (RELAY, CHECKED) if f"{k} {ref}/haproxy" in ov.get("hey_ratios", {})) + ")"
+                          for ref in RELAYS if f"{k} {ref}/haproxy" in ov.get("hey_ratios", {})) + ")"
                 for k, row in ov["hey"].items()))
             if ov.get("cpu_ratios"):
                 lines.append("")
